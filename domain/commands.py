@@ -1,0 +1,205 @@
+"""Every inbound message of the protocol: one frozen Struct each, tagged by its wire ``type``.
+
+Field rules that the schema can express live on the types, so the decoder (not hand-written
+checks) refuses a bad year, name or crew and names the JSON path. Rules that span fields
+(days inside the bid year, distinct days, at least one field to update) are in ``rules``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Annotated, Literal
+
+import msgspec
+from msgspec import UNSET, Meta, UnsetType
+
+MessageId = Annotated[str, Meta(min_length=1, max_length=128)]
+BidYear = Annotated[int, Meta(ge=2000, le=2100)]
+AreaName = Annotated[str, Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9 _-]{0,31}$")]
+Initials = Annotated[str, Meta(pattern=r"^[A-Z]{2}$")]
+UserName = Annotated[str, Meta(min_length=1, max_length=100)]
+UserType = Literal["CPC", "CPC-IT", "Dev-D", "Dev-R"]
+Crew = Annotated[int, Meta(ge=1, le=7)]
+RoundNumber = Annotated[int, Meta(ge=1)]
+MaxPerDay = Annotated[int, Meta(ge=1, le=1000)]
+Days = Annotated[tuple[dt.date, ...], Meta(min_length=1, max_length=60)]
+Label = Annotated[str, Meta(max_length=100)]
+EventId = Annotated[int, Meta(ge=1)]
+Seq = Annotated[int, Meta(ge=0)]
+Text = Annotated[str, Meta(max_length=10000)]
+Role = Literal["admin", "bidder", "system"]
+Timestamp = Annotated[dt.datetime, Meta(tz=True)]
+
+
+class Actor(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Who acts. ``system`` is reserved for bidlog itself and refused on the wire."""
+
+    id: Annotated[str, Meta(min_length=1, max_length=128)]
+    role: Role
+
+
+class Cause(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Why: a request id or ticket, and a description."""
+
+    id: Annotated[str, Meta(min_length=1, max_length=128)]
+    description: Text
+
+
+class Seniority(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A user's seniority dates; replaced whole on update."""
+
+    cumulative_natca_bu_date: dt.date
+    natca_bu_date: dt.date
+    eod_faa_date: dt.date
+    service_computation_date: dt.date
+    lottery_value: Annotated[int, Meta(ge=0)] | None
+
+
+class Message(
+    msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, tag_field="type"
+):
+    """Envelope shared by every message."""
+
+    id: MessageId
+
+
+class BaseCommand(Message, frozen=True, kw_only=True):
+    """A command: changes one scope and, on success, appends exactly one event."""
+
+    actor: Actor
+    cause: Cause
+    expected_seq: Seq | None = None
+    bid_year: BidYear
+    area: AreaName
+
+
+class CreateArea(BaseCommand, frozen=True, kw_only=True, tag="create_area"):
+    """Create the scope (bid year, area)."""
+
+
+class RegisterUser(BaseCommand, frozen=True, kw_only=True, tag="register_user"):
+    """Register a controller in the scope."""
+
+    initials: Initials
+    name: UserName
+    user_type: UserType
+    crew: Crew | None = None
+    seniority: Seniority
+
+
+class UpdateUser(BaseCommand, frozen=True, kw_only=True, tag="update_user"):
+    """Change some fields of a user; a field left out is unchanged, ``crew: null`` clears."""
+
+    initials: Initials
+    name: UserName | UnsetType = UNSET
+    user_type: UserType | UnsetType = UNSET
+    crew: Crew | None | UnsetType = UNSET
+    seniority: Seniority | UnsetType = UNSET
+
+
+class OpenRound(BaseCommand, frozen=True, kw_only=True, tag="open_round"):
+    """Open the next bidding round."""
+
+    round: RoundNumber
+    max_per_day: MaxPerDay
+
+
+class SubmitBid(BaseCommand, frozen=True, kw_only=True, tag="submit_bid"):
+    """Bid for days off in the open round, replacing the user's earlier bid in it."""
+
+    round: RoundNumber
+    initials: Initials
+    days: Days
+
+
+class WithdrawBid(BaseCommand, frozen=True, kw_only=True, tag="withdraw_bid"):
+    """Withdraw the user's bid from the open round."""
+
+    round: RoundNumber
+    initials: Initials
+
+
+class FinalizeRound(BaseCommand, frozen=True, kw_only=True, tag="finalize_round"):
+    """Close the open round; its bids become held days."""
+
+    round: RoundNumber
+
+
+class Checkpoint(BaseCommand, frozen=True, kw_only=True, tag="checkpoint"):
+    """Record a full snapshot of the scope; changes no state."""
+
+    label: Label | None = None
+
+
+class Rollback(BaseCommand, frozen=True, kw_only=True, tag="rollback"):
+    """Make the scope's state as of an earlier event its state going forward."""
+
+    to_event: EventId
+
+
+class BaseQuery(Message, frozen=True, kw_only=True):
+    """A query: reads committed state, appends nothing."""
+
+    actor: Actor | None = None
+    cause: Cause | None = None
+    expected_seq: Seq | None = None
+
+
+class GetState(BaseQuery, frozen=True, kw_only=True, tag="get_state"):
+    """A scope's state now, as of a global event id, or as of a time."""
+
+    bid_year: BidYear
+    area: AreaName
+    at_event: Annotated[int, Meta(ge=0)] | None = None
+    at_time: Timestamp | None = None
+
+
+class Timeline(BaseQuery, frozen=True, kw_only=True, tag="timeline"):
+    """A page of a scope's events, in order."""
+
+    bid_year: BidYear
+    area: AreaName
+    after_event: Annotated[int, Meta(ge=0)] = 0
+    limit: Annotated[int, Meta(ge=1, le=10000)] = 1000
+
+
+class ListAreas(BaseQuery, frozen=True, kw_only=True, tag="list_areas"):
+    """Every scope, optionally of one bid year."""
+
+    bid_year: BidYear | None = None
+
+
+class Verify(BaseQuery, frozen=True, kw_only=True, tag="verify"):
+    """Check the hash chain and every snapshot."""
+
+
+Command = (
+    CreateArea
+    | RegisterUser
+    | UpdateUser
+    | OpenRound
+    | SubmitBid
+    | WithdrawBid
+    | FinalizeRound
+    | Checkpoint
+    | Rollback
+)
+Query = GetState | Timeline | ListAreas | Verify
+AnyMessage = Command | Query
+
+COMMAND_TYPES: tuple[type[BaseCommand], ...] = (
+    CreateArea,
+    RegisterUser,
+    UpdateUser,
+    OpenRound,
+    SubmitBid,
+    WithdrawBid,
+    FinalizeRound,
+    Checkpoint,
+    Rollback,
+)
+QUERY_TYPES: tuple[type[BaseQuery], ...] = (GetState, Timeline, ListAreas, Verify)
+MESSAGE_TYPES: frozenset[str] = frozenset(
+    str(t.__struct_config__.tag) for t in (*COMMAND_TYPES, *QUERY_TYPES)
+)
+BIDDER_COMMANDS: frozenset[str] = frozenset({"submit_bid", "withdraw_bid"})

@@ -1,0 +1,50 @@
+"""What the core hands to storage and gets back from it: plain data, no I/O."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import msgspec
+
+from domain.events import Event
+from domain.state import ScopeKey, ScopeState
+
+
+class Ack(msgspec.Struct, frozen=True):
+    """The idempotency record of an acknowledged command: its id, body digest and reply."""
+
+    message_id: str
+    digest: str
+    event_id: int
+    seq: int
+    recorded_at: str
+
+
+class Entry(msgspec.Struct, frozen=True):
+    """One event and the scope's state right after it (stored in full when ``event.snapshot``)."""
+
+    event: Event
+    state: ScopeState
+
+    @property
+    def snapshot(self) -> ScopeState | None:
+        return self.state if self.event.snapshot else None
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Everything one transaction commits: events in ``event_id`` order, their snapshots,
+    and the idempotency records of the commands that produced them."""
+
+    entries: tuple[Entry, ...]
+    acks: tuple[Ack, ...] = ()
+
+
+@dataclass(frozen=True)
+class Recovered:
+    """Every scope's current state as storage holds it, for startup."""
+
+    scopes: dict[ScopeKey, ScopeState] = field(default_factory=dict)
+    since_snapshot: dict[ScopeKey, int] = field(default_factory=dict)
+    head_event: int = 0
+    last_recorded_at: str = ""

@@ -1,0 +1,71 @@
+"""The state of one scope (bid year, area): immutable, with tuples kept in protocol order."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any, Literal
+
+import msgspec
+
+from domain.commands import Seniority
+
+ScopeKey = tuple[int, str]
+RoundStatus = Literal["open", "finalized"]
+
+
+class User(msgspec.Struct, frozen=True):
+    """A controller registered in the scope."""
+
+    initials: str
+    name: str
+    user_type: str
+    crew: int | None
+    seniority: Seniority
+
+
+class Bid(msgspec.Struct, frozen=True):
+    """One user's days in one round, ascending."""
+
+    initials: str
+    days: tuple[dt.date, ...]
+
+
+class Round(msgspec.Struct, frozen=True):
+    """A bidding round; ``bids`` sorted by initials."""
+
+    round: int
+    status: RoundStatus
+    max_per_day: int
+    bids: tuple[Bid, ...] = ()
+
+
+class ScopeState(msgspec.Struct, frozen=True):
+    """Everything about one scope; ``seq``/``head_event`` are those of its last event."""
+
+    bid_year: int
+    area: str
+    seq: int = 0
+    head_event: int = 0
+    users: tuple[User, ...] = ()
+    rounds: tuple[Round, ...] = ()
+
+    @property
+    def key(self) -> ScopeKey:
+        return (self.bid_year, self.area)
+
+    def user(self, initials: str) -> User | None:
+        return next((u for u in self.users if u.initials == initials), None)
+
+    def open_round(self) -> Round | None:
+        return next((r for r in self.rounds if r.status == "open"), None)
+
+
+def render(state: ScopeState) -> dict[str, Any]:
+    """The protocol's section-7 shape, as JSON-ready builtins."""
+    out: dict[str, Any] = msgspec.json.decode(msgspec.json.encode(state))
+    return out
+
+
+def parse(data: Any) -> ScopeState:
+    """Inverse of ``render``: a stored or exported snapshot back into a state."""
+    return msgspec.convert(data, ScopeState)

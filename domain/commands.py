@@ -93,7 +93,7 @@ class UpdateUser(BaseCommand, frozen=True, kw_only=True, tag="update_user"):
     initials: Initials
     name: UserName | UnsetType = UNSET
     user_type: UserType | UnsetType = UNSET
-    crew: Crew | None | UnsetType = UNSET
+    crew: Crew | UnsetType | None = UNSET
     seniority: Seniority | UnsetType = UNSET
 
 

@@ -1,0 +1,183 @@
+"""``decide(state, command, context) -> event``: the core's single entry for commands.
+
+Each handler checks the command's rules and returns one event whose ``before``/``after``
+delta is enough for ``evolve`` to replay it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+
+from domain import rules
+from domain.commands import (
+    BaseCommand,
+    Checkpoint,
+    Command,
+    CreateArea,
+    FinalizeRound,
+    OpenRound,
+    RegisterUser,
+    Rollback,
+    SubmitBid,
+    UpdateUser,
+    WithdrawBid,
+)
+from domain.events import SNAPSHOT_ACTIONS, Event
+from domain.state import Bid, Round, ScopeState, User
+
+
+@dataclass(frozen=True)
+class Context:
+    """What the core needs from outside: ids and time to stamp, and facts held elsewhere."""
+
+    event_id: int
+    recorded_at: str
+    message_digest: str | None = None
+    other_initials: Mapping[str, str] = field(default_factory=dict)
+    rollback_target: ScopeState | None = None
+
+
+@dataclass(frozen=True)
+class Delta:
+    before: Any = None
+    after: Any = None
+    detail: dict[str, Any] = field(default_factory=dict)
+
+
+def decide(state: ScopeState | None, command: Command, context: Context) -> Event:
+    """Refuse ``command`` with a DomainError, or return exactly one event."""
+    action = _action(command)
+    rules.check_shape(command)
+    rules.check_role(command, action)
+    rules.check_expected_seq(command, state)
+    if isinstance(command, CreateArea):
+        rules.require_no_scope(state, command)
+        delta = Delta(after={"bid_year": command.bid_year, "area": command.area})
+        return _event(command, action, 1, delta, context)
+    scope = rules.require_scope(state, command)
+    delta = _HANDLERS[type(command)](scope, command, context)
+    return _event(command, action, scope.seq + 1, delta, context)
+
+
+def _action(command: BaseCommand) -> str:
+    return str(command.__struct_config__.tag)
+
+
+def _event(command: BaseCommand, action: str, seq: int, delta: Delta, ctx: Context) -> Event:
+    return Event(
+        event_id=ctx.event_id,
+        seq=seq,
+        bid_year=command.bid_year,
+        area=command.area,
+        recorded_at=ctx.recorded_at,
+        action=action,
+        actor=command.actor,
+        cause=command.cause,
+        message_id=command.id,
+        message_digest=ctx.message_digest,
+        detail=delta.detail,
+        before=delta.before,
+        after=delta.after,
+        snapshot=action in SNAPSHOT_ACTIONS,
+    )
+
+
+def user_data(user: User) -> dict[str, Any]:
+    data: dict[str, Any] = msgspec.to_builtins(user)
+    return data
+
+
+def bid_data(bid: Bid | None) -> dict[str, Any] | None:
+    if bid is None:
+        return None
+    return {"initials": bid.initials, "days": [d.isoformat() for d in sorted(bid.days)]}
+
+
+def scope_data(state: ScopeState) -> dict[str, Any]:
+    """The restorable part of a state (users and rounds) as builtins."""
+    data: dict[str, Any] = msgspec.json.decode(
+        msgspec.json.encode({"users": state.users, "rounds": state.rounds})
+    )
+    return data
+
+
+def _register(state: ScopeState, cmd: RegisterUser, ctx: Context) -> Delta:
+    rules.check_initials_free(state, cmd.initials, ctx.other_initials)
+    user = User(cmd.initials, cmd.name, cmd.user_type, cmd.crew, cmd.seniority)
+    return Delta(after={"user": user_data(user)})
+
+
+def _update(state: ScopeState, cmd: UpdateUser, ctx: Context) -> Delta:
+    old = rules.require_user(state, cmd.initials)
+    changes = {
+        name: value
+        for name in ("name", "user_type", "crew", "seniority")
+        if (value := getattr(cmd, name)) is not msgspec.UNSET
+    }
+    new = msgspec.structs.replace(old, **changes)
+    return Delta(before={"user": user_data(old)}, after={"user": user_data(new)})
+
+
+def _open_round(state: ScopeState, cmd: OpenRound, ctx: Context) -> Delta:
+    rules.check_can_open(state, cmd.round)
+    rnd = Round(cmd.round, "open", cmd.max_per_day)
+    return Delta(after={"round": msgspec.to_builtins(rnd)})
+
+
+def _submit(state: ScopeState, cmd: SubmitBid, ctx: Context) -> Delta:
+    rules.require_user(state, cmd.initials)
+    current = rules.require_open_round(state, cmd.round)
+    rules.check_days_available(state, current, cmd.initials, cmd.days)
+    old = next((b for b in current.bids if b.initials == cmd.initials), None)
+    new = Bid(cmd.initials, tuple(sorted(cmd.days)))
+    return Delta(
+        before={"round": cmd.round, "bid": bid_data(old)},
+        after={"round": cmd.round, "bid": bid_data(new)},
+    )
+
+
+def _withdraw(state: ScopeState, cmd: WithdrawBid, ctx: Context) -> Delta:
+    current = rules.require_open_round(state, cmd.round)
+    rules.require_bid(current, cmd.initials)
+    old = next(b for b in current.bids if b.initials == cmd.initials)
+    return Delta(
+        before={"round": cmd.round, "bid": bid_data(old)},
+        after={"round": cmd.round, "bid": None},
+    )
+
+
+def _finalize(state: ScopeState, cmd: FinalizeRound, ctx: Context) -> Delta:
+    rules.require_open_round(state, cmd.round)
+    return Delta(
+        before={"round": cmd.round, "status": "open"},
+        after={"round": cmd.round, "status": "finalized"},
+    )
+
+
+def _checkpoint(state: ScopeState, cmd: Checkpoint, ctx: Context) -> Delta:
+    return Delta(detail={} if cmd.label is None else {"label": cmd.label})
+
+
+def _rollback(state: ScopeState, cmd: Rollback, ctx: Context) -> Delta:
+    target = rules.check_rollback(state, cmd, ctx.rollback_target, ctx.other_initials)
+    return Delta(
+        before=scope_data(state),
+        after=scope_data(target),
+        detail={"to_event": cmd.to_event},
+    )
+
+
+_HANDLERS: dict[type[BaseCommand], Callable[[ScopeState, Any, Context], Delta]] = {
+    RegisterUser: _register,
+    UpdateUser: _update,
+    OpenRound: _open_round,
+    SubmitBid: _submit,
+    WithdrawBid: _withdraw,
+    FinalizeRound: _finalize,
+    Checkpoint: _checkpoint,
+    Rollback: _rollback,
+}

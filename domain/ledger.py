@@ -1,0 +1,123 @@
+"""All scopes' current states, and drafts that apply commands to a working copy.
+
+The worker decides a batch of commands against a ``Draft``; only after the batch commits
+does ``Ledger.commit`` make the draft current. A discarded draft changes nothing, which
+is how a failed commit leaves in-memory state as it was.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Mapping
+
+from domain.commands import Command, RegisterUser, Rollback
+from domain.decide import Context, decide
+from domain.evolve import auto_checkpoint, evolve
+from domain.records import Entry, Recovered
+from domain.state import ScopeKey, ScopeState, User
+
+
+def format_timestamp(moment: dt.datetime) -> str:
+    """RFC 3339 in UTC with microseconds and ``Z``."""
+    return moment.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+class Ledger:
+    """The committed state of every scope, plus what the next event gets."""
+
+    def __init__(self, recovered: Recovered | None = None, *, checkpoint_every: int = 1000):
+        found = recovered or Recovered()
+        self.scopes: dict[ScopeKey, ScopeState] = dict(found.scopes)
+        self.since_snapshot: dict[ScopeKey, int] = dict(found.since_snapshot)
+        self.head_event = found.head_event
+        self.last_recorded_at = found.last_recorded_at
+        self.checkpoint_every = checkpoint_every
+
+    def state(self, key: ScopeKey) -> ScopeState | None:
+        return self.scopes.get(key)
+
+    def draft(self) -> Draft:
+        return Draft(self)
+
+    def commit(self, draft: Draft) -> None:
+        """Make ``draft`` current (call only after its batch is durably committed)."""
+        self.scopes.update(draft.scopes)
+        self.since_snapshot.update(draft.since_snapshot)
+        self.head_event = draft.head_event
+        self.last_recorded_at = draft.last_recorded_at
+
+
+class Draft:
+    """A working copy over a ledger: the changes of a batch not yet committed."""
+
+    def __init__(self, ledger: Ledger):
+        self.ledger = ledger
+        self.scopes: dict[ScopeKey, ScopeState] = {}
+        self.since_snapshot: dict[ScopeKey, int] = {}
+        self.head_event = ledger.head_event
+        self.last_recorded_at = ledger.last_recorded_at
+        self.entries: list[Entry] = []
+
+    def state(self, key: ScopeKey) -> ScopeState | None:
+        found = self.scopes.get(key)
+        return found if found is not None else self.ledger.scopes.get(key)
+
+    def apply(
+        self,
+        command: Command,
+        *,
+        now: dt.datetime,
+        digest: str | None = None,
+        rollback_target: ScopeState | None = None,
+    ) -> list[Entry]:
+        """Decide ``command`` against the draft; raise DomainError and change nothing,
+        or record and return its entry (and an automatic checkpoint's, when one is due)."""
+        key = (command.bid_year, command.area)
+        state = self.state(key)
+        recorded_at = max(format_timestamp(now), self.last_recorded_at)
+        context = Context(
+            event_id=self.head_event + 1,
+            recorded_at=recorded_at,
+            message_digest=digest,
+            other_initials=self._other_initials(command),
+            rollback_target=rollback_target,
+        )
+        event = decide(state, command, context)
+        added = [self._record(Entry(event, evolve(state, event)))]
+        if self._checkpoint_due(key):
+            after = added[0].state
+            auto = auto_checkpoint(after, event_id=event.event_id + 1, recorded_at=recorded_at)
+            added.append(self._record(Entry(auto, evolve(after, auto))))
+        return added
+
+    def _record(self, entry: Entry) -> Entry:
+        event = entry.event
+        key = event.scope
+        self.scopes[key] = entry.state
+        count = self.since_snapshot.get(key, self.ledger.since_snapshot.get(key, 0))
+        self.since_snapshot[key] = 0 if event.snapshot else count + 1
+        self.head_event = event.event_id
+        self.last_recorded_at = event.recorded_at
+        self.entries.append(entry)
+        return entry
+
+    def _checkpoint_due(self, key: ScopeKey) -> bool:
+        every = self.ledger.checkpoint_every
+        return every > 0 and self.since_snapshot.get(key, 0) >= every
+
+    def _other_initials(self, command: Command) -> Mapping[str, str]:
+        if not isinstance(command, RegisterUser | Rollback):
+            return {}
+        return {
+            user.initials: area
+            for (year, area) in self._keys()
+            if year == command.bid_year and area != command.area
+            for user in self._users(year, area)
+        }
+
+    def _keys(self) -> set[ScopeKey]:
+        return set(self.ledger.scopes) | set(self.scopes)
+
+    def _users(self, year: int, area: str) -> tuple[User, ...]:
+        state = self.state((year, area))
+        return state.users if state is not None else ()

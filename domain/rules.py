@@ -1,0 +1,207 @@
+"""Pure checks of PROTOCOL section 5, each raising one DomainError subclass."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterator, Mapping
+
+import msgspec
+
+from domain import errors
+from domain.commands import (
+    BIDDER_COMMANDS,
+    BaseCommand,
+    Rollback,
+    SubmitBid,
+    UpdateUser,
+)
+from domain.state import Round, ScopeState, User
+
+
+def check_shape(command: BaseCommand) -> None:
+    """Cross-field rules the schema cannot express."""
+    if isinstance(command, SubmitBid):
+        check_days(command.days, command.bid_year)
+    elif isinstance(command, UpdateUser) and not _has_update(command):
+        raise errors.InvalidMessage(
+            "update_user needs at least one of name, user_type, crew, seniority", path="$"
+        )
+
+
+def check_days(days: tuple[dt.date, ...], bid_year: int) -> None:
+    seen: set[dt.date] = set()
+    for i, day in enumerate(days):
+        if day.year != bid_year:
+            raise errors.InvalidMessage(
+                f"day {day.isoformat()} is outside bid year {bid_year}", path=f"$.days[{i}]"
+            )
+        if day in seen:
+            raise errors.InvalidMessage(
+                f"day {day.isoformat()} is listed twice", path=f"$.days[{i}]"
+            )
+        seen.add(day)
+
+
+def _has_update(command: UpdateUser) -> bool:
+    fields = (command.name, command.user_type, command.crew, command.seniority)
+    return any(f is not msgspec.UNSET for f in fields)
+
+
+def check_role(command: BaseCommand, action: str) -> None:
+    role = command.actor.role
+    if role == "system" or (role == "bidder" and action not in BIDDER_COMMANDS):
+        raise errors.Unauthorized(f"role {role} may not send {action}", role=role, type=action)
+
+
+def check_expected_seq(command: BaseCommand, state: ScopeState | None) -> None:
+    current = state.seq if state is not None else 0
+    if command.expected_seq is not None and command.expected_seq != current:
+        raise errors.VersionConflict(
+            f"expected seq {command.expected_seq}, scope is at {current}",
+            seq=current,
+            expected_seq=command.expected_seq,
+        )
+
+
+def require_scope(state: ScopeState | None, command: BaseCommand) -> ScopeState:
+    if state is None:
+        raise errors.UnknownArea(
+            f"area {command.bid_year}/{command.area} does not exist",
+            bid_year=command.bid_year,
+            area=command.area,
+        )
+    return state
+
+
+def require_no_scope(state: ScopeState | None, command: BaseCommand) -> None:
+    if state is not None:
+        raise errors.AreaExists(
+            f"area {command.bid_year}/{command.area} exists already",
+            bid_year=command.bid_year,
+            area=command.area,
+        )
+
+
+def require_user(state: ScopeState, initials: str) -> User:
+    user = state.user(initials)
+    if user is None:
+        raise errors.UnknownUser(
+            f"no user {initials} in {state.bid_year}/{state.area}", initials=initials
+        )
+    return user
+
+
+def check_initials_free(
+    state: ScopeState, initials: str, other_initials: Mapping[str, str]
+) -> None:
+    area = state.area if state.user(initials) is not None else other_initials.get(initials)
+    if area is not None:
+        raise errors.DuplicateInitials(
+            f"initials {initials} are already registered in {state.bid_year}/{area}",
+            initials=initials,
+            area=area,
+        )
+
+
+def check_can_open(state: ScopeState, number: int) -> None:
+    current = state.open_round()
+    if current is not None:
+        raise errors.RoundAlreadyOpen(
+            f"round {current.round} is still open", open_round=current.round
+        )
+    expected = state.rounds[-1].round + 1 if state.rounds else 1
+    if number != expected:
+        raise errors.RoundOutOfOrder(
+            f"the next round is {expected}, not {number}", round=number, expected_round=expected
+        )
+
+
+def require_open_round(state: ScopeState, number: int) -> Round:
+    current = state.open_round()
+    if current is None or current.round != number:
+        open_no = current.round if current is not None else None
+        raise errors.RoundNotOpen(
+            f"round {number} is not the open round", round=number, open_round=open_no
+        )
+    return current
+
+
+def check_days_available(
+    state: ScopeState, current: Round, initials: str, days: tuple[dt.date, ...]
+) -> None:
+    held = _held_days(state, initials)
+    for day in sorted(days):
+        if day in held:
+            raise errors.DayAlreadyHeld(
+                f"{initials} already holds {day.isoformat()} from round {held[day]}",
+                day=day.isoformat(),
+                round=held[day],
+            )
+    taken = _taken_counts(state, current, initials, set(days))
+    for day in sorted(days):
+        if taken.get(day, 0) >= current.max_per_day:
+            raise errors.DayFull(
+                f"{day.isoformat()} is full ({current.max_per_day} per day)",
+                day=day.isoformat(),
+                max_per_day=current.max_per_day,
+            )
+
+
+def _held_days(state: ScopeState, initials: str) -> dict[dt.date, int]:
+    return {
+        day: rnd.round
+        for rnd in _finalized(state)
+        for bid in rnd.bids
+        if bid.initials == initials
+        for day in bid.days
+    }
+
+
+def _taken_counts(
+    state: ScopeState, current: Round, initials: str, wanted: set[dt.date]
+) -> dict[dt.date, int]:
+    counts: dict[dt.date, int] = {}
+    others = (b for b in current.bids if b.initials != initials)
+    holders = (b for rnd in _finalized(state) for b in rnd.bids)
+    for bid in (*holders, *others):
+        for day in bid.days:
+            if day in wanted:
+                counts[day] = counts.get(day, 0) + 1
+    return counts
+
+
+def _finalized(state: ScopeState) -> Iterator[Round]:
+    return (r for r in state.rounds if r.status == "finalized")
+
+
+def require_bid(current: Round, initials: str) -> None:
+    if not any(b.initials == initials for b in current.bids):
+        raise errors.NoBid(
+            f"{initials} has no bid in round {current.round}",
+            initials=initials,
+            round=current.round,
+        )
+
+
+def check_rollback(
+    state: ScopeState,
+    command: Rollback,
+    target: ScopeState | None,
+    other_initials: Mapping[str, str],
+) -> ScopeState:
+    x = command.to_event
+    if target is None or target.head_event != x or x >= state.head_event:
+        raise errors.InvalidRollbackTarget(
+            f"event {x} is not an earlier event of {state.bid_year}/{state.area}",
+            to_event=x,
+            head_event=state.head_event,
+        )
+    for user in target.users:
+        area = other_initials.get(user.initials)
+        if area is not None:
+            raise errors.RollbackConflict(
+                f"restoring {user.initials} clashes with {state.bid_year}/{area}",
+                initials=user.initials,
+                area=area,
+            )
+    return target

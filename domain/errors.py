@@ -125,3 +125,9 @@ class PersistenceFailed(DomainError):
 
     def __init__(self, message: str, **details: object) -> None:
         super().__init__(message, retryable=True, **details)
+
+
+class IdReused(DomainError):
+    """The message id was already acknowledged for a different message body."""
+
+    code = "id_reused"

@@ -1,0 +1,303 @@
+"""The pipeline end to end in-process: every error code, ordering, idempotency, restarts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from tests.wire import (
+    BIDDER,
+    bid,
+    create_area,
+    example_lines,
+    get_state,
+    msg,
+    open_round,
+    register,
+)
+from tests.worker.harness import Client, client_on, worker_on
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Path:
+    return tmp_path / "bidlog.sqlite3"
+
+
+def code(reply: dict[str, Any]) -> str:
+    assert reply["ok"] is False, reply
+    error: dict[str, Any] = reply["error"]
+    return str(error["code"])
+
+
+async def setup_north(client: Client) -> None:
+    replies = await client.ask(create_area(), register("AB"), register("CD"), open_round())
+    assert all(r["ok"] for r in replies), replies
+
+
+async def test_example_session_runs_clean(db: Path) -> None:
+    with anyio.fail_after(10):
+        async with client_on(db) as client:
+            lines = example_lines()
+            replies = await client.ask(*lines)
+    assert [r["ok"] for r in replies] == [True] * len(lines)
+    assert [r["id"] for r in replies] == [f"m{i}" for i in range(1, 11)] + [
+        "q1",
+        "m11",
+        "q2",
+        "q3",
+        "q4",
+    ]
+    q1, q2 = replies[10]["result"], replies[12]["result"]
+    assert q1["rounds"][0]["status"] == "finalized"
+    assert q2["rounds"][0]["status"] == "open"
+    assert [b["initials"] for b in q2["rounds"][0]["bids"]] == ["AB", "CD"]
+    assert replies[-1]["result"] == {"events": 11, "snapshots": 3}
+
+
+async def test_ack_carries_event_id_seq_and_time(db: Path) -> None:
+    async with client_on(db) as client:
+        first, second = await client.ask(create_area("North"), create_area("South"))
+    assert (first["event_id"], first["seq"]) == (1, 1)
+    assert (second["event_id"], second["seq"]) == (2, 1)
+    assert first["recorded_at"] == "2026-11-25T20:00:00.000000Z"
+    assert "duplicate" not in first
+
+
+async def test_replies_follow_message_order_when_pipelined(db: Path) -> None:
+    messages = [create_area()] + [register(f"A{chr(65 + i)}") for i in range(20)]
+    messages += [get_state(id=f"q{i}") for i in range(3)]
+    async with client_on(db) as client:
+        replies = await client.ask(*messages)
+    assert [r["id"] for r in replies] == [m["id"] for m in messages]
+    assert len(replies[-1]["result"]["users"]) == 20
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        (b"{not json\n", "malformed_json"),
+        (b'{"id": "x", "type": "create_area", "name": "\xff"}\n', "malformed_json"),
+        (b"[1, 2]\n", "invalid_message"),
+        (b'{"type": "verify"}\n', "invalid_message"),
+    ],
+)
+async def test_unusable_lines_get_an_error_with_null_id(
+    db: Path, raw: bytes, expected: str
+) -> None:
+    async with client_on(db) as client:
+        reply = await client.ask_one(raw)
+    assert reply["id"] is None
+    assert code(reply) == expected
+
+
+async def test_line_over_one_mebibyte_is_refused_and_the_stream_goes_on(db: Path) -> None:
+    huge = b'{"id": "big", "pad": "' + b"x" * (1 << 20) + b'"}\n'
+    async with client_on(db) as client:
+        big, after = await client.ask(huge, create_area())
+    assert code(big) == "message_too_large"
+    assert after["ok"] is True
+
+
+async def test_blank_lines_get_no_reply(db: Path) -> None:
+    async with client_on(db) as client:
+        await client.send(b"\n   \n", create_area(id="a1"))
+        (reply,) = await client.receive(1)
+    assert reply["id"] == "a1"
+
+
+async def test_schema_errors_name_the_field(db: Path) -> None:
+    async with client_on(db) as client:
+        year, unknown, kind = await client.ask(
+            create_area(year=1999, id="y"),
+            create_area(id="u", colour="red"),
+            msg("launch_rocket", id="t"),
+        )
+    assert (year["id"], code(year), year["error"]["details"]["path"]) == (
+        "y",
+        "invalid_message",
+        "$.bid_year",
+    )
+    assert (code(unknown), unknown["error"]["details"]["path"]) == ("invalid_message", "$.colour")
+    assert (kind["id"], code(kind)) == ("t", "unknown_type")
+
+
+async def test_bidder_may_only_bid_and_system_is_reserved(db: Path) -> None:
+    async with client_on(db) as client:
+        await setup_north(client)
+        admin_cmd, system, ok = await client.ask(
+            create_area("South", actor=BIDDER),
+            create_area("East", actor={"id": "x", "role": "system"}),
+            bid("AB", ["2026-07-01"]),
+        )
+    assert code(admin_cmd) == "unauthorized"
+    assert code(system) == "unauthorized"
+    assert ok["ok"] is True
+
+
+async def test_every_domain_rule_through_the_pipeline(db: Path) -> None:
+    async with client_on(db) as client:
+        await setup_north(client)
+        replies = await client.ask(
+            create_area(),  # area_exists
+            register("ZZ", area="Nowhere"),  # unknown_area
+            register("AB"),  # duplicate_initials
+            create_area("South"),
+            register("CD", area="South"),  # duplicate_initials across areas
+            open_round(2),  # round_already_open
+            bid("QQ", ["2026-07-01"]),  # unknown_user
+            bid("AB", ["2026-07-01"], number=2),  # round_not_open
+            bid("AB", ["2026-07-01"]),
+            bid("CD", ["2026-07-01"]),  # day_full (max 1)
+            msg("withdraw_bid", bid_year=2026, area="North", round=1, initials="CD"),  # no_bid
+            msg("finalize_round", bid_year=2026, area="North", round=1),
+            open_round(3),  # round_out_of_order
+            open_round(2, max_per_day=5),
+            bid("AB", ["2026-07-01"], number=2),  # day_already_held
+            msg("rollback", bid_year=2026, area="North", to_event=999),  # invalid target
+            create_area(expected_seq=0),  # version_conflict (seq of North is not 0)
+        )
+    codes = [r["error"]["code"] if not r["ok"] else "ok" for r in replies]
+    assert codes == [
+        "area_exists",
+        "unknown_area",
+        "duplicate_initials",
+        "ok",
+        "duplicate_initials",
+        "round_already_open",
+        "unknown_user",
+        "round_not_open",
+        "ok",
+        "day_full",
+        "no_bid",
+        "ok",
+        "round_out_of_order",
+        "ok",
+        "day_already_held",
+        "invalid_rollback_target",
+        "version_conflict",
+    ]
+    assert replies[4]["error"]["details"] == {"initials": "CD", "area": "North"}
+    assert replies[9]["error"]["details"]["day"] == "2026-07-01"
+    assert replies[-1]["error"]["details"]["seq"] == 7
+
+
+async def test_rollback_conflict_when_initials_moved_to_another_area(db: Path) -> None:
+    async with client_on(db) as client:
+        await client.ask(create_area(), create_area("South"))
+        reg = await client.ask_one(register("AB"))
+        await client.ask(msg("checkpoint", bid_year=2026, area="North"))
+        # AB leaves North (roll back to before the registration), joins South...
+        back = await client.ask_one(msg("rollback", bid_year=2026, area="North", to_event=1))
+        south = await client.ask_one(register("AB", area="South"))
+        # ...so restoring North as of AB's registration now clashes.
+        clash = await client.ask_one(
+            msg("rollback", bid_year=2026, area="North", to_event=reg["event_id"])
+        )
+    assert back["ok"] and south["ok"]
+    assert code(clash) == "rollback_conflict"
+    assert clash["error"]["details"] == {"initials": "AB", "area": "South"}
+
+
+async def test_duplicate_command_returns_the_original_ack(db: Path) -> None:
+    first = create_area(id="same")
+    async with client_on(db) as client:
+        original = await client.ask_one(first)
+        again, same_batch = await client.ask(first, first)
+        reused = await client.ask_one(create_area("South", id="same"))
+    assert again == {**original, "duplicate": True}
+    assert same_batch == again
+    assert code(reused) == "id_reused"
+
+
+async def test_duplicates_hold_across_restarts(db: Path) -> None:
+    lines = example_lines()
+    async with client_on(db) as client:
+        first = await client.ask(*lines)
+    async with client_on(db) as client:
+        second = await client.ask(*lines)
+        areas = await client.ask_one(msg("list_areas"))
+    for a, b in zip(first, second, strict=True):
+        if "event_id" in a:
+            assert b == {**a, "duplicate": True}
+    assert [x["head_event"] for x in areas["result"]["areas"]] == [11, 2]
+
+
+async def test_failed_commands_are_not_remembered(db: Path) -> None:
+    async with client_on(db) as client:
+        early = await client.ask_one(register("AB", id="r1"))
+        await client.ask_one(create_area())
+        retried = await client.ask_one(register("AB", id="r1"))
+    assert code(early) == "unknown_area"
+    assert retried["ok"] is True
+
+
+async def test_queries_see_commands_sent_before_them(db: Path) -> None:
+    async with client_on(db) as client:
+        replies = await client.ask(
+            create_area(),
+            get_state(),
+            register("AB"),
+            get_state(),
+            msg("timeline", bid_year=2026, area="North"),
+            msg("list_areas"),
+            msg("list_areas", bid_year=2027),
+        )
+    assert replies[1]["result"]["seq"] == 1
+    assert [u["initials"] for u in replies[3]["result"]["users"]] == ["AB"]
+    assert [e["action"] for e in replies[4]["result"]["events"]] == ["create_area", "register_user"]
+    assert replies[4]["result"]["next_after"] is None
+    assert replies[5]["result"]["areas"] == [
+        {"bid_year": 2026, "area": "North", "seq": 2, "head_event": 2}
+    ]
+    assert replies[6]["result"]["areas"] == []
+
+
+async def test_point_in_time_queries(db: Path) -> None:
+    async with client_on(db) as client:
+        await client.ask(create_area(), register("AB"), register("CD"))
+        at2, missing, both = await client.ask(
+            get_state(at_event=2),
+            get_state("South", at_event=3),
+            get_state(at_event=2, at_time="2026-11-25T20:00:00Z"),
+        )
+        at_time = await client.ask_one(get_state(at_time="2026-11-25T20:00:00Z"))
+        before = await client.ask_one(get_state(at_time="2020-01-01T00:00:00Z"))
+    assert [u["initials"] for u in at2["result"]["users"]] == ["AB"]
+    assert code(missing) == "not_found"
+    assert code(both) == "invalid_message"
+    assert at_time["result"]["head_event"] == 3
+    assert code(before) == "not_found"
+
+
+async def test_timeline_of_unknown_scope_is_not_found(db: Path) -> None:
+    async with client_on(db) as client:
+        reply = await client.ask_one(msg("timeline", bid_year=2026, area="Nope"))
+    assert code(reply) == "not_found"
+
+
+async def test_several_clients_pipelining_at_once(db: Path) -> None:
+    results: dict[int, list[dict[str, Any]]] = {}
+
+    async def feed(n: int, client: Client) -> None:
+        messages = [register(f"{chr(65 + n)}{chr(65 + i)}", id=f"c{n}-{i}") for i in range(20)]
+        results[n] = await client.ask(*messages)
+
+    with anyio.fail_after(10):
+        async with worker_on(db) as worker:
+            clients = [Client(await worker.connect()) for _ in range(4)]
+            await clients[0].ask_one(create_area())
+            async with anyio.create_task_group() as tg:
+                for n, client in enumerate(clients):
+                    tg.start_soon(feed, n, client)
+            state = await clients[0].ask_one(get_state())
+            for client in clients:
+                await client.stream.aclose()
+    for n, replies in results.items():
+        assert [r["id"] for r in replies] == [f"c{n}-{i}" for i in range(20)]
+        assert all(r["ok"] for r in replies)
+    assert len(state["result"]["users"]) == 80

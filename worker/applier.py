@@ -1,0 +1,223 @@
+"""The applier: decode, authorize, decide, commit a batch, and only then reply.
+
+One applier task owns the ledger and is the only writer of the store. A batch of
+requests is decided against a draft; the draft's events, snapshots and idempotency
+records are appended in one transaction; the ledger moves and the replies go out only
+after that commit returns. If it fails, every command of the transaction is answered
+``persistence_failed`` and the ledger is left as it was.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from adapters import codec
+from adapters.transports import TooLarge
+from domain import errors
+from domain.commands import BaseCommand, BaseQuery, Rollback
+from domain.ledger import Draft, Ledger
+from domain.records import Ack, Batch
+from domain.state import ScopeState
+from worker import queries
+from worker.ports import Clock, Store
+
+log = logging.getLogger("bidlog.applier")
+
+
+@dataclass(eq=False)
+class Request:
+    """One framed line and where its reply goes."""
+
+    frame: bytes | TooLarge
+    deliver: Callable[[bytes], None]
+
+
+@dataclass
+class _Reply:
+    request: Request
+    data: bytes
+    tentative: bool  # depends on the pending transaction's commit
+    message_id: str | None = None
+
+
+@dataclass
+class _Run:
+    """The working state of one batch of requests."""
+
+    draft: Draft
+    known: dict[str, Ack]
+    pending_acks: dict[str, Ack] = field(default_factory=dict)
+    replies: list[_Reply] = field(default_factory=list)
+
+
+class Applier:
+    """Turns batches of requests into at most a few transactions and ordered replies."""
+
+    def __init__(self, store: Store, ledger: Ledger, clock: Clock) -> None:
+        self.store = store
+        self.ledger = ledger
+        self.clock = clock
+
+    async def process(self, requests: Sequence[Request]) -> None:
+        """Handle ``requests`` in order; every one gets exactly one reply."""
+        decoded = [_decode(r.frame) for r in requests]
+        ids = [d.message.id for d in decoded if isinstance(d, codec.Decoded) and _is_cmd(d)]
+        try:
+            known = await self.store.acks(ids) if ids else {}
+        except Exception:
+            log.exception("idempotency lookup failed; the batch is refused")
+            for request, item in zip(requests, decoded, strict=True):
+                request.deliver(_persistence_failed(_message_id(item)))
+            return
+        run = _Run(self.ledger.draft(), known)
+        for request, item in zip(requests, decoded, strict=True):
+            try:
+                await self._handle(run, request, item)
+            except Exception:
+                log.exception("internal error while handling a message")
+                run.replies.append(_Reply(request, _internal(item), tentative=False))
+        await self._flush(run)
+
+    async def _handle(
+        self, run: _Run, request: Request, item: codec.Decoded | codec.DecodeFailure
+    ) -> None:
+        if isinstance(item, codec.DecodeFailure):
+            data = codec.error_reply(item.message_id, item.code, item.message, item.details)
+            run.replies.append(_Reply(request, data, tentative=False))
+            return
+        message = item.message
+        if isinstance(message, BaseQuery):
+            await self._flush(run)
+            run.replies.append(_Reply(request, await self._query(message), tentative=False))
+            return
+        assert isinstance(message, BaseCommand)
+        await self._command(run, request, message, item.digest or "")
+
+    async def _query(self, query: BaseQuery) -> bytes:
+        if query.actor is not None and query.actor.role == "system":
+            return _error(query.id, errors.Unauthorized("role system is reserved", role="system"))
+        try:
+            result = await queries.answer(query, self.ledger, self.store)  # type: ignore[arg-type]
+        except errors.DomainError as exc:
+            return _error(query.id, exc)
+        return codec.result_reply(query.id, result)
+
+    async def _command(
+        self, run: _Run, request: Request, command: BaseCommand, digest: str
+    ) -> None:
+        previous = run.known.get(command.id) or run.pending_acks.get(command.id)
+        if previous is not None:
+            tentative = command.id in run.pending_acks
+            data = _repeat(command.id, previous, digest)
+            run.replies.append(_Reply(request, data, tentative, command.id))
+            return
+        target = await self._rollback_target(run, command)
+        try:
+            entries = run.draft.apply(
+                command,  # type: ignore[arg-type]
+                now=self.clock.now(),
+                digest=digest,
+                rollback_target=target,
+            )
+        except errors.DomainError as exc:
+            run.replies.append(_Reply(request, _error(command.id, exc), True, command.id))
+            return
+        event = entries[0].event
+        ack = Ack(command.id, digest, event.event_id, event.seq, event.recorded_at)
+        run.pending_acks[command.id] = ack
+        data = codec.ack_reply(command.id, ack.event_id, ack.seq, ack.recorded_at)
+        run.replies.append(_Reply(request, data, True, command.id))
+
+    async def _rollback_target(self, run: _Run, command: BaseCommand) -> ScopeState | None:
+        """The state right after ``to_event`` if it is a committed event of the scope."""
+        if not isinstance(command, Rollback):
+            return None
+        await self._flush(run)
+        return await self.store.event_state((command.bid_year, command.area), command.to_event)
+
+    async def _flush(self, run: _Run) -> None:
+        """Commit the draft (if it holds events), then send every reply waiting so far."""
+        failed = False
+        if run.draft.entries:
+            failed = not await self._commit(run)
+        for reply in run.replies:
+            data = reply.data
+            if failed and reply.tentative:
+                data = _persistence_failed(reply.message_id)
+            reply.request.deliver(data)
+        if not failed:
+            run.known.update(run.pending_acks)
+        run.replies.clear()
+        run.pending_acks.clear()
+        run.draft = self.ledger.draft()
+
+    async def _commit(self, run: _Run) -> bool:
+        batch = Batch(tuple(run.draft.entries), tuple(run.pending_acks.values()))
+        started = time.perf_counter()
+        try:
+            await self.store.append(batch)
+        except Exception as exc:
+            log.error(
+                "commit failed; %d events not stored: %s",
+                len(batch.entries),
+                exc,
+                extra={"events": len(batch.entries)},
+            )
+            return False
+        self.ledger.commit(run.draft)
+        log.debug(
+            "batch committed",
+            extra={
+                "events": len(batch.entries),
+                "commit_ms": round((time.perf_counter() - started) * 1000, 3),
+            },
+        )
+        return True
+
+
+def _decode(frame: bytes | TooLarge) -> codec.Decoded | codec.DecodeFailure:
+    if isinstance(frame, TooLarge):
+        return codec.DecodeFailure(
+            "message_too_large", "line is longer than 1 MiB; discarded", {}, None
+        )
+    try:
+        return codec.decode(frame)
+    except codec.DecodeFailure as failure:
+        return failure
+
+
+def _is_cmd(decoded: codec.Decoded) -> bool:
+    return isinstance(decoded.message, BaseCommand)
+
+
+def _repeat(message_id: str, previous: Ack, digest: str) -> bytes:
+    if previous.digest != digest:
+        exc = errors.IdReused(
+            f"id {message_id} was already used for a different message",
+            event_id=previous.event_id,
+        )
+        return _error(message_id, exc)
+    return codec.ack_reply(
+        message_id, previous.event_id, previous.seq, previous.recorded_at, duplicate=True
+    )
+
+
+def _error(message_id: str | None, exc: errors.DomainError) -> bytes:
+    return codec.error_reply(message_id, exc.code, exc.message, exc.details)
+
+
+def _persistence_failed(message_id: str | None) -> bytes:
+    exc = errors.PersistenceFailed("the commit failed; nothing was applied; safe to retry")
+    return _error(message_id, exc)
+
+
+def _message_id(item: codec.Decoded | codec.DecodeFailure) -> str | None:
+    return item.message.id if isinstance(item, codec.Decoded) else item.message_id
+
+
+def _internal(item: codec.Decoded | codec.DecodeFailure) -> bytes:
+    message = "internal error; see the worker's log"
+    return codec.error_reply(_message_id(item), "internal", message, {})

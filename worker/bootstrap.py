@@ -1,0 +1,71 @@
+"""The one place that builds the real adapters and wires them to the pipeline."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from adapters.clock import SystemClock
+from adapters.sqlite_store import SqliteStore
+from domain.ledger import Ledger
+from worker.applier import Applier
+from worker.pipeline import Worker, running
+from worker.ports import Clock
+
+log = logging.getLogger("bidlog")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What the command line (or an embedding program) chooses."""
+
+    db: Path
+    synchronous: str = "full"
+    checkpoint_every: int = 1000
+    max_batch: int = 512
+
+
+class FatalError(Exception):
+    """The worker cannot start (exit status 1)."""
+
+
+async def open_store(settings: Settings, *, writer: bool) -> SqliteStore:
+    """Open the database, turning every failure into one clear ``FatalError``."""
+    if not writer and not settings.db.exists():
+        raise FatalError(f"no database at {settings.db}")
+    try:
+        return await SqliteStore.open(
+            str(settings.db), synchronous=settings.synchronous, writer=writer
+        )
+    except Exception as exc:
+        raise FatalError(f"cannot open {settings.db}: {exc}") from exc
+
+
+@asynccontextmanager
+async def serving(settings: Settings, clock: Clock | None = None) -> AsyncIterator[Worker]:
+    """Open the store, recover every scope, and run a worker until the block exits."""
+    store = await open_store(settings, writer=True)
+    try:
+        try:
+            recovered = await store.recover()
+        except Exception as exc:
+            raise FatalError(f"cannot recover {settings.db}: {exc}") from exc
+        ledger = Ledger(recovered, checkpoint_every=settings.checkpoint_every)
+        log.info(
+            "worker started",
+            extra={
+                "db": str(settings.db),
+                "scopes": len(recovered.scopes),
+                "head_event": recovered.head_event,
+                "synchronous": settings.synchronous,
+            },
+        )
+        applier = Applier(store, ledger, clock or SystemClock())
+        async with running(Worker(applier, max_batch=settings.max_batch)) as worker:
+            yield worker
+    finally:
+        await store.close()
+        log.info("worker stopped", extra={"db": str(settings.db)})

@@ -1,0 +1,200 @@
+"""``bidlog``: argument parsing, then ``anyio.run`` on the asyncio backend (aiosqlite).
+
+Exit status: 0 success, 1 fatal error (database cannot be opened, integrity failure,
+nothing found), 2 bad usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import logging
+import os
+import signal
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from adapters import codec
+from adapters.transports import StdioStream, bind_unix
+from domain.errors import DomainError
+from domain.state import render
+from worker import logs
+from worker.bootstrap import FatalError, Settings, open_store, serving
+from worker.pipeline import Worker
+
+log = logging.getLogger("bidlog")
+Handler = Callable[[argparse.Namespace], Awaitable[int]]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``bidlog`` console script."""
+    args = build_parser().parse_args(argv)
+    logs.setup(args.log_level)
+    handler: Handler = args.handler
+    try:
+        return anyio.run(handler, args, backend="asyncio")
+    except FatalError as exc:
+        print(f"bidlog: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="bidlog", description="Audited, rollback-capable leave-bidding ledger."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    common = _common_options()
+    serve = sub.add_parser(
+        "serve", parents=[common], help="apply NDJSON messages from stdin or a Unix socket"
+    )
+    serve.add_argument("--socket", metavar="PATH", help="serve a Unix stream socket (mode 0600)")
+    serve.set_defaults(handler=run_serve)
+    state = sub.add_parser("state", parents=[common], help="print a scope's state as JSON")
+    _scope_options(state)
+    point = state.add_mutually_exclusive_group()
+    point.add_argument("--at-event", type=_natural, metavar="N", help="as of global event N")
+    point.add_argument("--at-time", type=_timestamp, metavar="T", help="as of RFC 3339 time T")
+    state.set_defaults(handler=run_state)
+    timeline = sub.add_parser("timeline", parents=[common], help="print a scope's events as NDJSON")
+    _scope_options(timeline)
+    timeline.add_argument("--after-event", type=_natural, default=0, metavar="N")
+    timeline.set_defaults(handler=run_timeline)
+    _add_tools(sub, common)
+    return parser
+
+
+def _add_tools(sub: Any, common: argparse.ArgumentParser) -> None:
+    """Operator tools (replay, export, import, verify, backup) live in ``worker.tools``."""
+    try:
+        from worker import tools
+    except ImportError:  # pragma: no cover - tools not built yet
+        return
+    tools.add_commands(sub, common)
+
+
+def _common_options() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--db",
+        type=Path,
+        default=Path(os.environ.get("BIDLOG_DB") or "bidlog.sqlite3"),
+        help="database file (default: $BIDLOG_DB, else ./bidlog.sqlite3)",
+    )
+    common.add_argument(
+        "--checkpoint-every",
+        type=_natural,
+        default=1000,
+        metavar="N",
+        help="automatic snapshot after N events of a scope (0 = off; default 1000)",
+    )
+    common.add_argument(
+        "--synchronous",
+        choices=("full", "normal"),
+        default="full",
+        help="SQLite synchronous level (default full: acknowledged means on disk)",
+    )
+    common.add_argument(
+        "--log-level", choices=("debug", "info", "warning", "error"), default="info"
+    )
+    return common
+
+
+def _scope_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--bid-year", type=int, required=True, metavar="Y")
+    parser.add_argument("--area", required=True, metavar="A")
+
+
+def _natural(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} is negative")
+    return value
+
+
+def _timestamp(text: str) -> dt.datetime:
+    try:
+        moment = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not an RFC 3339 time: {text}") from exc
+    if moment.tzinfo is None:
+        raise argparse.ArgumentTypeError(f"{text} has no timezone (add Z or +hh:mm)")
+    return moment
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    return Settings(
+        db=args.db, synchronous=args.synchronous, checkpoint_every=args.checkpoint_every
+    )
+
+
+async def run_serve(args: argparse.Namespace) -> int:
+    async with serving(settings_from(args)) as worker, anyio.create_task_group() as tg:
+        tg.start_soon(_stop_on_signal, worker, tg.cancel_scope)
+        if args.socket:
+            await _serve_socket(worker, args.socket)
+        else:
+            await worker.serve(StdioStream())
+        tg.cancel_scope.cancel()
+    return 0
+
+
+async def _stop_on_signal(worker: Worker, scope: anyio.CancelScope) -> None:
+    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for signum in signals:
+            log.info("stopping on %s", signal.Signals(signum).name)
+            worker.stop_reading()
+            return
+
+
+async def _serve_socket(worker: Worker, path: str) -> None:
+    listener = await bind_unix(path)
+    log.info("listening", extra={"socket": path})
+    async with listener, anyio.create_task_group() as tg:
+        # Connections live in the worker's task group: cancelling the accept loop
+        # must not cut off replies still owed to connected clients.
+        tg.start_soon(listener.serve, worker.serve, worker.task_group)
+        await worker.stopped.wait()
+        tg.cancel_scope.cancel()
+
+
+async def run_state(args: argparse.Namespace) -> int:
+    store = await open_store(settings_from(args), writer=False)
+    try:
+        key = (args.bid_year, args.area)
+        if args.at_event is None and args.at_time is None:
+            state = await store.state_at(key)
+        else:
+            state = await store.state_at(key, at_event=args.at_event, at_time=args.at_time)
+    finally:
+        await store.close()
+    if state is None:
+        print(f"bidlog: area {args.bid_year}/{args.area} had no event by then", file=sys.stderr)
+        return 1
+    sys.stdout.buffer.write(codec.encode_json_line(render(state)))
+    return 0
+
+
+async def run_timeline(args: argparse.Namespace) -> int:
+    store = await open_store(settings_from(args), writer=False)
+    try:
+        after: int | None = args.after_event
+        out = sys.stdout.buffer
+        while after is not None:
+            page = await store.timeline((args.bid_year, args.area), after_event=after)
+            if page is None:
+                print(f"bidlog: area {args.bid_year}/{args.area} never existed", file=sys.stderr)
+                return 1
+            events, after = page
+            out.write(b"".join(codec.encode_json_line(e) for e in events))
+    except DomainError as exc:
+        print(f"bidlog: {exc.code}: {exc.message}", file=sys.stderr)
+        return 1
+    finally:
+        await store.close()
+    return 0

@@ -1,0 +1,191 @@
+"""The wire codec: one NDJSON line in, one typed message out; replies and NDJSON lines back.
+
+Decoding tries the typed decoder first (the fast path for good messages). Only when that
+fails is the line looked at again, shallowly, to tell the protocol's error codes apart and
+to echo the message id when it is usable (PROTOCOL sections 3, 4 and 8).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import msgspec
+
+from adapters.canonical import digest
+from domain.commands import MESSAGE_TYPES, AnyMessage, BaseCommand, MessageId
+
+__all__ = [
+    "DecodeFailure",
+    "Decoded",
+    "ack_reply",
+    "decode",
+    "encode_json_line",
+    "error_reply",
+    "result_reply",
+]
+
+_decoder = msgspec.json.Decoder(AnyMessage)
+_builtins_decoder = msgspec.json.Decoder()
+# Top-level keys with their values left undecoded: enough to find `id` and `type`.
+_envelope_decoder = msgspec.json.Decoder(dict[str, msgspec.Raw])
+_id_decoder = msgspec.json.Decoder(MessageId)
+_str_decoder = msgspec.json.Decoder(str)
+_encoder = msgspec.json.Encoder()
+
+# msgspec ends most ValidationError messages with " - at `$.x[0].y`"; struct field names are
+# identifiers, so a path is `$` followed by `.name` and `[index]` parts only.
+_AT_PATH = re.compile(r" - at `(\$(?:\.\w+|\[\d+\])*)`\Z")
+_UNKNOWN_FIELD = "Object contains unknown field `"
+_MISSING_FIELD = "Object missing required field `"
+
+
+class Decoded(msgspec.Struct, frozen=True):
+    """A decoded message and, for a command, the digest of its body as received."""
+
+    message: AnyMessage
+    digest: str | None
+
+
+class DecodeFailure(Exception):
+    """A line is not an acceptable message; answer ``error_reply(message_id, code, ...)``."""
+
+    def __init__(
+        self, code: str, message: str, details: dict[str, Any], message_id: str | None
+    ) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.details = details
+        self.message_id = message_id
+
+    def reply(self) -> bytes:
+        """The error reply line for this failure."""
+        return error_reply(self.message_id, self.code, self.message, self.details)
+
+
+def decode(line: bytes) -> Decoded:
+    """Decode one line (without its newline); raise ``DecodeFailure`` if it is unacceptable."""
+    try:
+        message = _decoder.decode(line)
+    except msgspec.ValidationError as exc:
+        raise _classify(line, str(exc)) from None
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+        raise _malformed(exc) from None
+    except RecursionError:
+        raise _too_deep() from None
+    is_command = isinstance(message, BaseCommand)
+    return Decoded(message, digest(_builtins_decoder.decode(line)) if is_command else None)
+
+
+def _classify(line: bytes, error: str) -> DecodeFailure:
+    """Tell apart the ways a well-formed line can fail the schema, most basic first."""
+    try:
+        envelope = _envelope_decoder.decode(line)
+    except msgspec.ValidationError:
+        return DecodeFailure("invalid_message", "a message must be a JSON object", _at("$"), None)
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+        return _malformed(exc)
+    except RecursionError:
+        return _too_deep()
+    message_id = _usable_id(envelope.get("id"))
+    if message_id is None:
+        return DecodeFailure(
+            "invalid_message", "`id` must be a string of 1 to 128 characters", _at("$.id"), None
+        )
+    message_type = _string(envelope.get("type"))
+    if message_type is None:
+        return DecodeFailure(
+            "invalid_message", "`type` must be a string", _at("$.type"), message_id
+        )
+    if message_type not in MESSAGE_TYPES:
+        return DecodeFailure(
+            "unknown_type",
+            f"unknown message type {message_type!r}",
+            {"type": message_type},
+            message_id,
+        )
+    return DecodeFailure("invalid_message", error, _at(error_path(error)), message_id)
+
+
+def error_path(error: str) -> str:
+    """The JSON path a msgspec ``ValidationError`` message names (the field itself for
+    unknown and missing fields); ``$`` when it names none."""
+    match = _AT_PATH.search(error)
+    base, head = (match.group(1), error[: match.start()]) if match else ("$", error)
+    for prefix in (_UNKNOWN_FIELD, _MISSING_FIELD):
+        if head.startswith(prefix) and head.endswith("`"):
+            return _child(base, head[len(prefix) : -1])
+    return base
+
+
+def _child(base: str, name: str) -> str:
+    if name.isidentifier():
+        return f"{base}.{name}"
+    return f"{base}[{_encoder.encode(name).decode()}]"
+
+
+def _usable_id(raw: msgspec.Raw | None) -> str | None:
+    if raw is None:
+        return None
+    try:
+        return _id_decoder.decode(raw)
+    except msgspec.ValidationError:
+        return None
+
+
+def _string(raw: msgspec.Raw | None) -> str | None:
+    if raw is None:
+        return None
+    try:
+        return _str_decoder.decode(raw)
+    except msgspec.ValidationError:
+        return None
+
+
+def _at(path: str) -> dict[str, Any]:
+    return {"path": path}
+
+
+def _malformed(exc: Exception) -> DecodeFailure:
+    if isinstance(exc, UnicodeDecodeError):
+        return DecodeFailure("malformed_json", f"invalid UTF-8: {exc.reason}", {}, None)
+    return DecodeFailure("malformed_json", str(exc), {}, None)
+
+
+def _too_deep() -> DecodeFailure:
+    return DecodeFailure("invalid_message", "JSON is nested too deeply", _at("$"), None)
+
+
+def ack_reply(
+    message_id: str, event_id: int, seq: int, recorded_at: str, *, duplicate: bool = False
+) -> bytes:
+    """The reply to a committed command (a repeated one when ``duplicate``)."""
+    reply: dict[str, Any] = {
+        "id": message_id,
+        "ok": True,
+        "event_id": event_id,
+        "seq": seq,
+        "recorded_at": recorded_at,
+    }
+    if duplicate:
+        reply["duplicate"] = True
+    return encode_json_line(reply)
+
+
+def result_reply(message_id: str, result: Any) -> bytes:
+    """The reply to a query."""
+    return encode_json_line({"id": message_id, "ok": True, "result": result})
+
+
+def error_reply(
+    message_id: str | None, code: str, message: str, details: dict[str, Any] | None = None
+) -> bytes:
+    """The reply to a refused message; ``details`` is always an object."""
+    error = {"code": code, "message": message, "details": {} if details is None else details}
+    return encode_json_line({"id": message_id, "ok": False, "error": error})
+
+
+def encode_json_line(obj: Any) -> bytes:
+    """``obj`` as one line of UTF-8 JSON, newline included (replies, NDJSON output)."""
+    return _encoder.encode(obj) + b"\n"

@@ -1,0 +1,420 @@
+"""The wire codec against real msgspec errors: every field rule names its path, every
+failure gets its protocol code, and replies have exactly the section-4 shapes."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import msgspec
+import pytest
+
+from adapters.canonical import digest
+from adapters.codec import (
+    Decoded,
+    DecodeFailure,
+    ack_reply,
+    decode,
+    encode_json_line,
+    error_path,
+    error_reply,
+    result_reply,
+)
+from domain.commands import GetState, RegisterUser, Seniority, SubmitBid, Verify
+
+ACTOR = {"id": "ops-1", "role": "admin"}
+CAUSE = {"id": "T-1", "description": "setup"}
+SENIORITY = {
+    "cumulative_natca_bu_date": "2015-01-04",
+    "natca_bu_date": "2015-01-04",
+    "eod_faa_date": "2014-06-30",
+    "service_computation_date": "2014-06-30",
+    "lottery_value": 17,
+}
+SCOPE = {"bid_year": 2026, "area": "North"}
+
+
+def command(type_: str, **fields: Any) -> dict[str, Any]:
+    return {"id": "m-1", "type": type_, "actor": ACTOR, "cause": CAUSE, **SCOPE, **fields}
+
+
+def register(**fields: Any) -> dict[str, Any]:
+    body = command(
+        "register_user",
+        initials="AB",
+        name="Ann Bell",
+        user_type="CPC",
+        crew=3,
+        seniority=SENIORITY,
+    )
+    return {**body, **fields}
+
+
+def submit(**fields: Any) -> dict[str, Any]:
+    return {**command("submit_bid", round=1, initials="AB", days=["2026-07-01"]), **fields}
+
+
+def get_state(**fields: Any) -> dict[str, Any]:
+    return {"id": "q-1", "type": "get_state", **SCOPE, **fields}
+
+
+def raw(obj: Any) -> bytes:
+    return json.dumps(obj, ensure_ascii=False).encode()
+
+
+def failure(line: bytes) -> DecodeFailure:
+    with pytest.raises(DecodeFailure) as info:
+        decode(line)
+    return info.value
+
+
+# --- good messages ------------------------------------------------------------------------------
+
+
+def test_a_command_decodes_with_the_digest_of_its_body_as_received() -> None:
+    body = register()
+    decoded = decode(raw(body))
+    assert isinstance(decoded, Decoded)
+    assert isinstance(decoded.message, RegisterUser)
+    assert decoded.message.seniority == msgspec.convert(SENIORITY, Seniority)
+    assert decoded.message.crew == 3
+    assert decoded.digest == digest(body)
+
+
+def test_the_digest_ignores_key_order_and_whitespace_but_not_content() -> None:
+    body = register()
+    reordered = dict(reversed(list(body.items())))
+    spaced = json.dumps(reordered, indent=2).replace("\n", " ").encode()
+    assert decode(spaced).digest == decode(raw(body)).digest
+    without_crew = {k: v for k, v in body.items() if k != "crew"}
+    assert decode(raw(without_crew)).digest != decode(raw({**without_crew, "crew": None})).digest
+
+
+def test_the_digest_keeps_non_ascii_text_as_received() -> None:
+    body = register(name="Zoë Ångström")
+    assert decode(raw(body)).digest == digest(body)
+    escaped = json.dumps(body).encode()  # \u00eb escapes: same JSON value, same digest
+    assert decode(escaped).digest == digest(body)
+
+
+def test_a_query_decodes_without_a_digest() -> None:
+    decoded = decode(b'{"id":"q-1","type":"verify"}')
+    assert decoded == Decoded(Verify(id="q-1"), None)
+    state = decode(raw(get_state(at_time="2026-07-01T12:00:00+02:00"))).message
+    assert isinstance(state, GetState)
+    assert state.at_time is not None and state.at_time.utcoffset() is not None
+
+
+def test_a_submitted_bid_has_dates() -> None:
+    message = decode(raw(submit(days=["2026-07-02", "2026-07-01"]))).message
+    assert isinstance(message, SubmitBid)
+    assert [d.isoformat() for d in message.days] == ["2026-07-02", "2026-07-01"]
+
+
+def test_the_reserved_system_role_passes_decoding_and_is_left_to_authorization() -> None:
+    assert decode(raw(command("create_area", actor={"id": "x", "role": "system"}))).digest
+
+
+# --- malformed JSON -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        b"{bad",
+        b"not json",
+        b'{"id":"m-1","type":"verify"',
+        b'{"id":"m-1","type":"verify"} trailing',
+        b'{"id":"m-1","type":"verify"}{"id":"m-2","type":"verify"}',
+        b'{"id":"m-\xff","type":"verify"}',
+        b'{"id":"m-1","type":"verify"}\xff',
+        b'{"id":"\xc3","type":"verify"}',
+        b'{"id":"\\ud800","type":"verify"}',
+        b'\xef\xbb\xbf{"id":"m-1","type":"verify"}',
+        b'{"id":"m-1","type":"verify","expected_seq":NaN}',
+        # The schema fails first (unknown field), then the JSON turns out to be broken.
+        b'{"id":"m-1","type":"verify","zz":1,',
+    ],
+)
+def test_lines_that_are_not_json_are_malformed_with_a_null_id(line: bytes) -> None:
+    error = failure(line)
+    assert (error.code, error.message_id, error.details) == ("malformed_json", None, {})
+    assert error.message
+
+
+# --- envelope -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("line", [b"[1]", b'"m-1"', b"1", b"null", b"true", b"[]"])
+def test_json_that_is_not_an_object_is_invalid_at_the_root(line: bytes) -> None:
+    error = failure(line)
+    assert (error.code, error.message_id, error.details) == ("invalid_message", None, {"path": "$"})
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {},
+        {"id": None},
+        {"id": 7},
+        {"id": ["m-1"]},
+        {"id": ""},
+        {"id": "x" * 129},
+    ],
+)
+def test_an_object_without_a_usable_id_is_invalid_with_a_null_id(fields: dict[str, Any]) -> None:
+    body = {k: v for k, v in command("create_area").items() if k != "id"} | fields
+    error = failure(raw(body))
+    assert (error.code, error.message_id) == ("invalid_message", None)
+    assert error.details == {"path": "$.id"}
+
+
+def test_the_id_rule_comes_before_the_type_rule() -> None:
+    error = failure(b'{"type":"no_such_type"}')
+    assert (error.code, error.message_id, error.details) == (
+        "invalid_message",
+        None,
+        {"path": "$.id"},
+    )
+
+
+def test_an_id_of_128_characters_is_usable() -> None:
+    assert decode(raw({"id": "x" * 128, "type": "verify"})).message == Verify(id="x" * 128)
+
+
+@pytest.mark.parametrize("fields", [{}, {"type": None}, {"type": 3}, {"type": {"a": 1}}])
+def test_a_missing_or_non_string_type_is_invalid_and_echoes_the_id(fields: dict[str, Any]) -> None:
+    error = failure(raw({"id": "m-9", **fields}))
+    assert (error.code, error.message_id) == ("invalid_message", "m-9")
+    assert error.details == {"path": "$.type"}
+
+
+@pytest.mark.parametrize("type_", ["no_such_type", "", "Create_Area", "create_area "])
+def test_a_type_outside_the_protocol_is_unknown(type_: str) -> None:
+    error = failure(raw({**command("create_area"), "type": type_}))
+    assert (error.code, error.message_id, error.details) == ("unknown_type", "m-1", {"type": type_})
+
+
+def test_a_duplicate_key_counts_with_its_last_value_but_every_value_must_be_valid() -> None:
+    assert decode(b'{"id":"m-1","id":"m-2","type":"verify"}').message == Verify(id="m-2")
+    error = failure(b'{"id":5,"id":"m-2","type":"verify"}')
+    assert (error.code, error.message_id, error.details) == (
+        "invalid_message",
+        "m-2",
+        {"path": "$.id"},
+    )
+
+
+def test_a_deeply_nested_line_is_refused_without_crashing() -> None:
+    deep = b"[" * 200_000 + b"]" * 200_000
+    for line in (
+        deep,
+        b'{"id":"m-1","type":"verify","x":' + deep + b"}",
+        b'{"id":"m-1","x":' + deep + b',"type":"verify"}',
+    ):
+        error = failure(line)
+        assert error.code == "invalid_message"
+        assert error.details["path"] in ("$", "$.x")
+
+
+# --- field rules: each names its path -----------------------------------------------------------
+
+
+def drop(body: dict[str, Any], *path: str) -> dict[str, Any]:
+    """A copy of ``body`` without the field at ``path``."""
+    copy = json.loads(json.dumps(body))
+    target = copy
+    for key in path[:-1]:
+        target = target[key]
+    del target[path[-1]]
+    return dict(copy)
+
+
+FIELD_RULES: list[tuple[str, dict[str, Any], str]] = [
+    ("year below 2000", register(bid_year=1999), "$.bid_year"),
+    ("year above 2100", register(bid_year=2101), "$.bid_year"),
+    ("year as string", register(bid_year="2026"), "$.bid_year"),
+    ("year as float", register(bid_year=2026.0), "$.bid_year"),
+    ("area empty", register(area=""), "$.area"),
+    ("area leading dash", register(area="-North"), "$.area"),
+    ("area 33 chars", register(area="A" * 33), "$.area"),
+    ("area bad char", register(area="North/2"), "$.area"),
+    ("initials lower", register(initials="ab"), "$.initials"),
+    ("initials three", register(initials="ABC"), "$.initials"),
+    ("crew zero", register(crew=0), "$.crew"),
+    ("crew eight", register(crew=8), "$.crew"),
+    ("crew string", register(crew="3"), "$.crew"),
+    ("crew bool", register(crew=True), "$.crew"),
+    ("user_type", register(user_type="ATC"), "$.user_type"),
+    ("name empty", register(name=""), "$.name"),
+    ("name too long", register(name="x" * 101), "$.name"),
+    (
+        "seniority date",
+        register(seniority={**SENIORITY, "eod_faa_date": "2014-13-01"}),
+        "$.seniority.eod_faa_date",
+    ),
+    (
+        "seniority datetime",
+        register(seniority={**SENIORITY, "natca_bu_date": "2015-01-04T00:00:00Z"}),
+        "$.seniority.natca_bu_date",
+    ),
+    (
+        "lottery negative",
+        register(seniority={**SENIORITY, "lottery_value": -1}),
+        "$.seniority.lottery_value",
+    ),
+    ("unknown top-level field", register(zz=1), "$.zz"),
+    ("typo of a field", {**drop(register(), "crew"), "crews": 3}, "$.crews"),
+    ("unknown actor field", register(actor={**ACTOR, "zz": 1}), "$.actor.zz"),
+    ("unknown seniority field", register(seniority={**SENIORITY, "zz": 1}), "$.seniority.zz"),
+    ("missing name", drop(register(), "name"), "$.name"),
+    ("missing actor", drop(register(), "actor"), "$.actor"),
+    ("missing bid_year", drop(register(), "bid_year"), "$.bid_year"),
+    (
+        "missing seniority date",
+        drop(register(), "seniority", "natca_bu_date"),
+        "$.seniority.natca_bu_date",
+    ),
+    ("missing actor role", drop(register(), "actor", "role"), "$.actor.role"),
+    ("role", register(actor={"id": "x", "role": "root"}), "$.actor.role"),
+    ("actor id empty", register(actor={"id": "", "role": "admin"}), "$.actor.id"),
+    ("actor not an object", register(actor="ops-1"), "$.actor"),
+    (
+        "cause too long",
+        register(cause={"id": "c", "description": "x" * 10001}),
+        "$.cause.description",
+    ),
+    ("expected_seq negative", register(expected_seq=-1), "$.expected_seq"),
+    ("expected_seq string", register(expected_seq="3"), "$.expected_seq"),
+    ("days empty", submit(days=[]), "$.days"),
+    (
+        "days 61",
+        submit(days=[f"2026-07-{d:02}" for d in range(1, 31)] * 2 + ["2026-08-01"]),
+        "$.days",
+    ),
+    ("day invalid", submit(days=["2026-07-01", "2026-02-30"]), "$.days[1]"),
+    ("day not a string", submit(days=[20260701]), "$.days[0]"),
+    ("days not a list", submit(days="2026-07-01"), "$.days"),
+    ("round zero", submit(round=0), "$.round"),
+    ("max_per_day zero", command("open_round", round=1, max_per_day=0), "$.max_per_day"),
+    ("max_per_day 1001", command("open_round", round=1, max_per_day=1001), "$.max_per_day"),
+    ("label 101", command("checkpoint", label="x" * 101), "$.label"),
+    ("to_event zero", command("rollback", to_event=0), "$.to_event"),
+    ("update crew", command("update_user", initials="AB", crew=9), "$.crew"),
+    ("at_time without timezone", get_state(at_time="2026-07-01T12:00:00"), "$.at_time"),
+    ("at_time garbage", get_state(at_time="yesterday"), "$.at_time"),
+    ("at_event negative", get_state(at_event=-1), "$.at_event"),
+    ("timeline limit", {"id": "q", "type": "timeline", **SCOPE, "limit": 10001}, "$.limit"),
+    ("query with command field", get_state(initials="AB"), "$.initials"),
+    ("list_areas year", {"id": "q", "type": "list_areas", "bid_year": 1999}, "$.bid_year"),
+]
+
+
+@pytest.mark.parametrize(
+    ("body", "path"), [(b, p) for _, b, p in FIELD_RULES], ids=[n for n, _, _ in FIELD_RULES]
+)
+def test_a_field_rule_violation_is_invalid_and_names_the_field(
+    body: dict[str, Any], path: str
+) -> None:
+    error = failure(raw(body))
+    assert (error.code, error.message_id) == ("invalid_message", body["id"])
+    assert error.details == {"path": path}
+    assert error.message
+
+
+@pytest.mark.parametrize(
+    ("message", "path"),
+    [
+        ("Expected `int` >= 2000 - at `$.bid_year`", "$.bid_year"),
+        ("Invalid RFC3339 encoded date - at `$.days[12]`", "$.days[12]"),
+        ("Object contains unknown field `zz`", "$.zz"),
+        ("Object contains unknown field `zz` - at `$.actor`", "$.actor.zz"),
+        ("Object contains unknown field `a b`", '$["a b"]'),
+        ("Object contains unknown field `a`b`", '$["a`b"]'),
+        (
+            "Object missing required field `natca_bu_date` - at `$.seniority`",
+            "$.seniority.natca_bu_date",
+        ),
+        ("Object missing required field `name`", "$.name"),
+        ("Expected `object`, got `array`", "$"),
+        ("something else entirely", "$"),
+    ],
+)
+def test_error_path_reads_msgspec_messages(message: str, path: str) -> None:
+    assert error_path(message) == path
+
+
+def test_an_unknown_field_with_an_odd_name_is_quoted_in_the_path() -> None:
+    error = failure(raw({"id": "m-1", "type": "verify", "a.b c": 1}))
+    assert error.details == {"path": '$["a.b c"]'}
+
+
+# --- replies ------------------------------------------------------------------------------------
+
+
+def test_an_ack_has_exactly_the_protocol_shape() -> None:
+    line = ack_reply("m-7", 42, 7, "2026-11-25T20:33:00.123456Z")
+    assert line == (
+        b'{"id":"m-7","ok":true,"event_id":42,"seq":7,"recorded_at":"2026-11-25T20:33:00.123456Z"}\n'
+    )
+
+
+def test_a_repeated_ack_says_duplicate() -> None:
+    line = ack_reply("m-7", 42, 7, "2026-11-25T20:33:00.123456Z", duplicate=True)
+    assert json.loads(line) == {
+        "id": "m-7",
+        "ok": True,
+        "event_id": 42,
+        "seq": 7,
+        "recorded_at": "2026-11-25T20:33:00.123456Z",
+        "duplicate": True,
+    }
+
+
+def test_a_result_reply_wraps_the_result() -> None:
+    assert result_reply("q-1", {"events": 3, "snapshots": 1}) == (
+        b'{"id":"q-1","ok":true,"result":{"events":3,"snapshots":1}}\n'
+    )
+
+
+def test_an_error_reply_always_has_a_details_object() -> None:
+    assert error_reply(None, "malformed_json", "JSON is malformed") == (
+        b'{"id":null,"ok":false,"error":{"code":"malformed_json","message":"JSON is malformed",'
+        b'"details":{}}}\n'
+    )
+    line = error_reply(
+        "m-8", "duplicate_initials", "initials AB are already registered", {"initials": "AB"}
+    )
+    assert json.loads(line)["error"] == {
+        "code": "duplicate_initials",
+        "message": "initials AB are already registered",
+        "details": {"initials": "AB"},
+    }
+
+
+def test_replies_are_one_line_of_utf8_with_text_unescaped() -> None:
+    line = error_reply("m-ü", "unknown_user", "no user Zoë\nhere", {"name": "Zoë"})
+    assert line.endswith(b"\n") and line.count(b"\n") == 1
+    assert "Zoë".encode() in line
+    assert json.loads(line)["error"]["message"] == "no user Zoë\nhere"
+
+
+def test_a_decode_failure_renders_its_own_reply() -> None:
+    reply = json.loads(failure(raw({"id": "m-3", "type": "nope"})).reply())
+    assert reply == {
+        "id": "m-3",
+        "ok": False,
+        "error": {
+            "code": "unknown_type",
+            "message": reply["error"]["message"],
+            "details": {"type": "nope"},
+        },
+    }
+
+
+def test_encode_json_line_handles_structs_and_builtins() -> None:
+    assert (
+        encode_json_line(Verify(id="q"))
+        == b'{"type":"verify","id":"q","actor":null,"cause":null,"expected_seq":null}\n'
+    )
+    assert encode_json_line([1, "é"]) == '[1,"é"]\n'.encode()

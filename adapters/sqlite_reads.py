@@ -1,0 +1,174 @@
+"""Reads, run on the database thread: each function takes the ``sqlite3`` connection.
+
+A scope's state at a point is its newest snapshot at or before the point plus the
+events of the scope after that snapshot, folded with ``domain.evolve.replay``: never a
+replay from the beginning when a snapshot exists.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import msgspec
+
+from adapters.sqlite_rows import (
+    EVENT_COLUMNS,
+    Head,
+    Row,
+    decode_rendered,
+    decode_state,
+    event_dict,
+    row_event,
+)
+from domain.evolve import replay
+from domain.records import Ack
+from domain.state import ScopeKey, ScopeState
+
+T = TypeVar("T")
+END = 2**63 - 1
+"""An event id past any stored one: "now"."""
+
+
+class Point(msgspec.Struct, frozen=True):
+    """A scope's state at some point, and how many of its events follow its snapshot."""
+
+    state: ScopeState
+    since_snapshot: int
+
+
+def in_read_transaction(conn: sqlite3.Connection, read: Callable[[], T]) -> T:
+    """Run ``read`` inside one read transaction, so its statements see one snapshot."""
+    conn.execute("BEGIN")
+    try:
+        return read()
+    finally:
+        conn.execute("COMMIT")
+
+
+def head(conn: sqlite3.Connection) -> Head:
+    row = conn.execute(
+        "SELECT event_id, hash, recorded_at FROM events ORDER BY event_id DESC LIMIT 1"
+    ).fetchone()
+    return Head() if row is None else Head(row[0], row[1], row[2])
+
+
+def point(conn: sqlite3.Connection, key: ScopeKey, upto: int = END) -> Point | None:
+    """The scope's state after its last event with ``event_id <= upto``."""
+    snap = conn.execute(
+        "SELECT event_id, state FROM snapshots WHERE bid_year = ? AND area = ? "
+        "AND event_id <= ? ORDER BY event_id DESC LIMIT 1",
+        (*key, upto),
+    ).fetchone()
+    base, after = (None, 0) if snap is None else (decode_state(snap[1]), snap[0])
+    rows = conn.execute(
+        f"SELECT {EVENT_COLUMNS} FROM events WHERE bid_year = ? AND area = ? "
+        "AND event_id > ? AND event_id <= ? ORDER BY event_id",
+        (*key, after, upto),
+    ).fetchall()
+    state = replay(base, map(row_event, rows))
+    return None if state is None else Point(state, len(rows))
+
+
+def last_event_at(conn: sqlite3.Connection, key: ScopeKey, at_time: str) -> int | None:
+    """The scope's last event recorded at or before ``at_time`` (same text format)."""
+    row = conn.execute(
+        "SELECT event_id FROM events WHERE bid_year = ? AND area = ? AND recorded_at <= ? "
+        "ORDER BY recorded_at DESC, event_id DESC LIMIT 1",
+        (*key, at_time),
+    ).fetchone()
+    return None if row is None else int(row[0])
+
+
+def belongs(conn: sqlite3.Connection, key: ScopeKey, event_id: int) -> bool:
+    row = conn.execute(
+        "SELECT 1 FROM events WHERE event_id = ? AND bid_year = ? AND area = ?",
+        (event_id, *key),
+    ).fetchone()
+    return row is not None
+
+
+def scope_keys(conn: sqlite3.Connection, bid_year: int | None = None) -> list[ScopeKey]:
+    """Every scope, sorted; one index probe per scope (a skip scan), not a full scan."""
+    keys: list[ScopeKey] = []
+    bound: tuple[int, str] = (bid_year if bid_year is not None else -1, "")
+    while True:
+        row = conn.execute(
+            "SELECT bid_year, area FROM events WHERE (bid_year, area) > (?, ?) "
+            "ORDER BY bid_year, area LIMIT 1",
+            bound,
+        ).fetchone()
+        if row is None or (bid_year is not None and row[0] != bid_year):
+            return keys
+        bound = (int(row[0]), str(row[1]))
+        keys.append(bound)
+
+
+def scope_head(conn: sqlite3.Connection, key: ScopeKey) -> dict[str, Any]:
+    seq, event_id = conn.execute(
+        "SELECT seq, event_id FROM events WHERE bid_year = ? AND area = ? "
+        "ORDER BY event_id DESC LIMIT 1",
+        key,
+    ).fetchone()
+    return {"bid_year": key[0], "area": key[1], "seq": seq, "head_event": event_id}
+
+
+def timeline(
+    conn: sqlite3.Connection, key: ScopeKey, after_event: int, limit: int
+) -> tuple[list[dict[str, Any]], int | None] | None:
+    if not scope_exists(conn, key):
+        return None
+    rows = conn.execute(
+        f"SELECT {EVENT_COLUMNS} FROM events WHERE bid_year = ? AND area = ? "
+        "AND event_id > ? ORDER BY event_id LIMIT ?",
+        (*key, after_event, limit + 1),
+    ).fetchall()
+    page = rows[:limit]
+    next_after = int(page[-1][0]) if len(rows) > limit else None
+    return [event_dict(row) for row in page], next_after
+
+
+def scope_exists(conn: sqlite3.Connection, key: ScopeKey) -> bool:
+    row = conn.execute(
+        "SELECT 1 FROM events WHERE bid_year = ? AND area = ? LIMIT 1", key
+    ).fetchone()
+    return row is not None
+
+
+def acks(conn: sqlite3.Connection, message_ids: list[str]) -> dict[str, Ack]:
+    found: dict[str, Ack] = {}
+    for start in range(0, len(message_ids), 500):  # stay under SQLite's variable limit
+        chunk = message_ids[start : start + 500]
+        rows = conn.execute(
+            "SELECT message_id, digest, event_id, seq, recorded_at FROM acks "
+            f"WHERE message_id IN ({', '.join('?' * len(chunk))})",
+            chunk,
+        ).fetchall()
+        found.update((row[0], Ack(*row)) for row in rows)
+    return found
+
+
+def events_after(conn: sqlite3.Connection, after_event: int, limit: int) -> list[Row]:
+    """Up to ``limit`` events after ``after_event``, each with its snapshot text or None."""
+    return conn.execute(
+        f"SELECT {_prefixed('e')}, s.state FROM events e "
+        "LEFT JOIN snapshots s ON s.event_id = e.event_id "
+        "WHERE e.event_id > ? ORDER BY e.event_id LIMIT ?",
+        (after_event, limit),
+    ).fetchall()
+
+
+def export_dicts(rows: list[Row]) -> list[dict[str, Any]]:
+    """Rows of ``events_after`` as section-6 dicts, with ``state`` on snapshot events."""
+    out = []
+    for row in rows:
+        obj = event_dict(row)
+        if row[17] is not None:
+            obj["state"] = decode_rendered(row[17])
+        out.append(obj)
+    return out
+
+
+def _prefixed(alias: str) -> str:
+    return ", ".join(f"{alias}.{name.strip()}" for name in EVENT_COLUMNS.split(","))

@@ -1,0 +1,193 @@
+"""Events to rows and back, and the hash chain over them.
+
+The hashed object is exactly the protocol's section-6 event without ``hash``: the
+``Event`` fields plus ``prev_hash``. JSON columns hold canonical JSON text, so a row
+decodes back to the very object that was hashed, and exports byte for byte the same.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import msgspec
+
+from adapters.canonical import ZERO_HASH, canonical, chain_hash
+from adapters.sqlite_schema import InvalidBatch
+from domain.commands import Actor, Cause
+from domain.events import SCHEMA_VERSION, Event
+from domain.records import Ack, Batch
+from domain.state import ScopeState
+
+EVENT_COLUMNS = (
+    "event_id, seq, bid_year, area, recorded_at, action, actor, cause, message_id, "
+    "message_digest, detail, before, after, snapshot, schema_version, prev_hash, hash"
+)
+INSERT_EVENT = f"INSERT INTO events ({EVENT_COLUMNS}) VALUES ({', '.join('?' * 17)})"
+INSERT_SNAPSHOT = "INSERT INTO snapshots (event_id, bid_year, area, state) VALUES (?, ?, ?, ?)"
+INSERT_ACK = (
+    "INSERT INTO acks (message_id, digest, event_id, seq, recorded_at) VALUES (?, ?, ?, ?, ?)"
+)
+TIMESTAMP = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z\Z")
+
+Row = tuple[Any, ...]
+_decode_json = msgspec.json.Decoder()
+_decode_actor = msgspec.json.Decoder(Actor)
+_decode_cause = msgspec.json.Decoder(Cause)
+_decode_state = msgspec.json.Decoder(ScopeState)
+
+
+class Head(msgspec.Struct, frozen=True):
+    """The end of the log: last event id (= number of events), its hash and time."""
+
+    event_id: int = 0
+    hash: str = ZERO_HASH
+    recorded_at: str = ""
+
+
+class Encoded(msgspec.Struct, frozen=True):
+    """A batch as rows, ready for ``executemany``, and the head it leads to."""
+
+    events: list[Row]
+    snapshots: list[Row]
+    acks: list[Row]
+    head: Head
+
+
+def encode_batch(batch: Batch, head: Head) -> Encoded:
+    """Check the batch continues ``head`` and chain-hash it; raise ``InvalidBatch`` if not."""
+    events: list[Row] = []
+    snapshots: list[Row] = []
+    for entry in batch.entries:
+        event = entry.event
+        _check_continues(event, head)
+        obj = event_object(event, head.hash)
+        head = Head(event.event_id, chain_hash(head.hash, obj), event.recorded_at)
+        events.append(event_row(obj, head.hash))
+        if event.snapshot:
+            snapshots.append(snapshot_row(event, entry.state))
+    first = events[0][0] if events else head.event_id + 1
+    acks = [ack_row(ack, first, head.event_id) for ack in batch.acks]
+    return Encoded(events, snapshots, acks, head)
+
+
+def _check_continues(event: Event, head: Head) -> None:
+    if event.event_id != head.event_id + 1:
+        raise InvalidBatch(f"event id {event.event_id} does not follow {head.event_id}")
+    if not TIMESTAMP.match(event.recorded_at):
+        raise InvalidBatch(f"event {event.event_id}: bad recorded_at {event.recorded_at!r}")
+    if event.recorded_at < head.recorded_at:
+        raise InvalidBatch(
+            f"event {event.event_id}: recorded_at {event.recorded_at} is before {head.recorded_at}"
+        )
+
+
+def event_object(event: Event, prev_hash: str) -> dict[str, Any]:
+    """The section-6 object that is hashed: the event's fields plus ``prev_hash``."""
+    obj: dict[str, Any] = msgspec.to_builtins(event)
+    obj["prev_hash"] = prev_hash
+    return obj
+
+
+def event_row(obj: dict[str, Any], hash_: str) -> Row:
+    return (
+        obj["event_id"],
+        obj["seq"],
+        obj["bid_year"],
+        obj["area"],
+        obj["recorded_at"],
+        obj["action"],
+        _text(obj["actor"]),
+        _text(obj["cause"]),
+        obj["message_id"],
+        obj["message_digest"],
+        _text(obj["detail"]),
+        _nullable_text(obj["before"]),
+        _nullable_text(obj["after"]),
+        int(obj["snapshot"]),
+        SCHEMA_VERSION,
+        obj["prev_hash"],
+        hash_,
+    )
+
+
+def snapshot_row(event: Event, state: ScopeState) -> Row:
+    if state.key != event.scope or state.head_event != event.event_id:
+        raise InvalidBatch(f"snapshot of event {event.event_id} is not the state after it")
+    return (event.event_id, event.bid_year, event.area, state_text(state))
+
+
+def state_text(state: ScopeState) -> str:
+    """Canonical JSON of ``render(state)`` (msgspec sorts struct fields the same way)."""
+    return canonical(state).decode()
+
+
+def ack_row(ack: Ack, first: int, last: int) -> Row:
+    if not first <= ack.event_id <= last:
+        raise InvalidBatch(f"ack {ack.message_id!r} names event {ack.event_id}, not in batch")
+    return (ack.message_id, ack.digest, ack.event_id, ack.seq, ack.recorded_at)
+
+
+def _text(value: Any) -> str:
+    return canonical(value).decode()
+
+
+def _nullable_text(value: Any) -> str | None:
+    return None if value is None else canonical(value).decode()
+
+
+def _nullable_json(text: str | None) -> Any:
+    return None if text is None else _decode_json.decode(text)
+
+
+def event_dict(row: Sequence[Any]) -> dict[str, Any]:
+    """A stored event (``EVENT_COLUMNS`` order) as its section-6 object, ``hash`` included."""
+    return {
+        "event_id": row[0],
+        "seq": row[1],
+        "bid_year": row[2],
+        "area": row[3],
+        "recorded_at": row[4],
+        "action": row[5],
+        "actor": _decode_json.decode(row[6]),
+        "cause": _decode_json.decode(row[7]),
+        "message_id": row[8],
+        "message_digest": row[9],
+        "detail": _decode_json.decode(row[10]),
+        "before": _nullable_json(row[11]),
+        "after": _nullable_json(row[12]),
+        "snapshot": bool(row[13]),
+        "prev_hash": row[15],
+        "hash": row[16],
+    }
+
+
+def row_event(row: Sequence[Any]) -> Event:
+    """A stored event (``EVENT_COLUMNS`` order) as the domain's ``Event``."""
+    return Event(
+        event_id=row[0],
+        seq=row[1],
+        bid_year=row[2],
+        area=row[3],
+        recorded_at=row[4],
+        action=row[5],
+        actor=_decode_actor.decode(row[6]),
+        cause=_decode_cause.decode(row[7]),
+        message_id=row[8],
+        message_digest=row[9],
+        detail=_decode_json.decode(row[10]),
+        before=_nullable_json(row[11]),
+        after=_nullable_json(row[12]),
+        snapshot=bool(row[13]),
+    )
+
+
+def decode_state(text: str) -> ScopeState:
+    return _decode_state.decode(text)
+
+
+def decode_rendered(text: str) -> dict[str, Any]:
+    """A stored snapshot as ``render(state)`` builtins, without building the structs."""
+    value: dict[str, Any] = _decode_json.decode(text)
+    return value

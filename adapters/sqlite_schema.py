@@ -1,0 +1,192 @@
+"""The SQLite side of the store: its errors, the schema, the writer lock, and opening.
+
+Tables (JSON columns hold canonical JSON text, see ``adapters.canonical``):
+
+- ``events``: one row per audit event; ``event_id`` is the rowid, given explicitly.
+- ``snapshots``: the full rendered state at every snapshot event.
+- ``acks``: the idempotency record of every acknowledged command.
+
+Triggers refuse UPDATE and DELETE on all three: the log is append-only through SQL too.
+``PRAGMA user_version`` carries ``DB_VERSION``; any other non-zero version is refused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import sqlite3
+from pathlib import Path
+from typing import Literal
+
+DB_VERSION = 1
+Synchronous = Literal["full", "normal"]
+
+_TABLES = """
+CREATE TABLE events (
+    event_id       INTEGER PRIMARY KEY,
+    seq            INTEGER NOT NULL,
+    bid_year       INTEGER NOT NULL,
+    area           TEXT    NOT NULL,
+    recorded_at    TEXT    NOT NULL,
+    action         TEXT    NOT NULL,
+    actor          TEXT    NOT NULL,
+    cause          TEXT    NOT NULL,
+    message_id     TEXT,
+    message_digest TEXT,
+    detail         TEXT    NOT NULL,
+    before         TEXT,
+    after          TEXT,
+    snapshot       INTEGER NOT NULL CHECK (snapshot IN (0, 1)),
+    schema_version INTEGER NOT NULL,
+    prev_hash      TEXT    NOT NULL,
+    hash           TEXT    NOT NULL
+);
+CREATE INDEX events_by_scope ON events (bid_year, area, event_id);
+CREATE INDEX events_by_scope_time ON events (bid_year, area, recorded_at);
+CREATE TABLE snapshots (
+    event_id INTEGER PRIMARY KEY,
+    bid_year INTEGER NOT NULL,
+    area     TEXT    NOT NULL,
+    state    TEXT    NOT NULL
+);
+CREATE INDEX snapshots_by_scope ON snapshots (bid_year, area, event_id);
+CREATE TABLE acks (
+    message_id  TEXT PRIMARY KEY,
+    digest      TEXT    NOT NULL,
+    event_id    INTEGER NOT NULL,
+    seq         INTEGER NOT NULL,
+    recorded_at TEXT    NOT NULL
+) WITHOUT ROWID;
+"""
+
+_TRIGGER = """
+CREATE TRIGGER {table}_no_{verb} BEFORE {VERB} ON {table}
+BEGIN SELECT RAISE(ABORT, '{table} are append-only: {verb} refused'); END;
+"""
+
+PROTECTED_TABLES = ("events", "snapshots", "acks")
+
+
+def schema_sql() -> str:
+    """Every statement that creates a version-``DB_VERSION`` database (no transaction)."""
+    triggers = "".join(
+        _TRIGGER.format(table=table, verb=verb, VERB=verb.upper())
+        for table in PROTECTED_TABLES
+        for verb in ("update", "delete")
+    )
+    return _TABLES + triggers + f"PRAGMA user_version = {DB_VERSION};\n"
+
+
+class StoreError(Exception):
+    """The database cannot be used: missing, foreign, of another version, or misused."""
+
+
+class DatabaseLocked(StoreError):
+    """Another process holds the database for writing."""
+
+
+class SchemaVersionError(StoreError):
+    """The database was written by a bidlog with a schema this one does not know."""
+
+
+class InvalidBatch(StoreError):
+    """A batch breaks the log's invariants (gap in ids, time going back): a caller bug."""
+
+
+class WriterLock:
+    """An exclusive ``flock`` on ``<db>.lock`` (not on the database file itself, so it
+    never mixes with SQLite's own POSIX locks), holding the owner's pid for messages."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd: int | None = fd
+
+    @classmethod
+    def acquire(cls, db_path: Path) -> WriterLock:
+        lock_path = lock_path_for(db_path)
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = _read_owner(fd)
+            os.close(fd)
+            raise DatabaseLocked(
+                f"database {db_path} is in use by another bidlog process ({owner}; "
+                f"lock file {lock_path})"
+            ) from None
+        except BaseException:
+            os.close(fd)
+            raise
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        return cls(fd)
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor drops the flock
+            self._fd = None
+
+
+def lock_path_for(db_path: Path) -> Path:
+    return db_path.with_name(db_path.name + ".lock")
+
+
+def _read_owner(fd: int) -> str:
+    with contextlib.suppress(OSError):
+        text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+        if text.isdigit():
+            return f"pid {text}"
+    return "pid unknown"
+
+
+def prepare_writer(conn: sqlite3.Connection, path: Path, synchronous: Synchronous) -> None:
+    """Settings of the writing connection; create the schema in a new database."""
+    conn.execute("PRAGMA busy_timeout = 5000")
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute(f"PRAGMA synchronous = {'FULL' if synchronous == 'full' else 'NORMAL'}")
+    version = _user_version(conn, path)
+    if version == 0:
+        _require_empty(conn, path)
+        _create_schema(conn)
+    else:
+        check_version(version, path)
+
+
+def prepare_reader(conn: sqlite3.Connection, path: Path) -> None:
+    """Settings of a read-only connection; the database must already be a bidlog one."""
+    conn.execute("PRAGMA busy_timeout = 5000")
+    version = _user_version(conn, path)
+    if version == 0:
+        raise StoreError(f"{path} is not an initialized bidlog database")
+    check_version(version, path)
+
+
+def check_version(version: int, path: Path) -> None:
+    if version != DB_VERSION:
+        raise SchemaVersionError(
+            f"database {path} has schema version {version}; "
+            f"this bidlog reads and writes schema version {DB_VERSION} only"
+        )
+
+
+def _user_version(conn: sqlite3.Connection, path: Path) -> int:
+    try:
+        row = conn.execute("PRAGMA user_version").fetchone()
+    except sqlite3.DatabaseError as exc:
+        raise StoreError(f"{path} is not a usable SQLite database: {exc}") from exc
+    return int(row[0])
+
+
+def _require_empty(conn: sqlite3.Connection, path: Path) -> None:
+    (count,) = conn.execute("SELECT count(*) FROM sqlite_schema").fetchone()
+    if count:
+        raise StoreError(f"{path} holds tables but is not a bidlog database (user_version 0)")
+
+
+def _create_schema(conn: sqlite3.Connection) -> None:
+    try:
+        conn.executescript(f"BEGIN IMMEDIATE;\n{schema_sql()}COMMIT;")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise

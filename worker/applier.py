@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from adapters import codec
 from adapters.transports import TooLarge
 from domain import errors
-from domain.commands import BaseCommand, BaseQuery, Rollback
+from domain.commands import BaseCommand, BaseQuery, Command, Query, Rollback
 from domain.ledger import Draft, Ledger
 from domain.records import Ack, Batch
 from domain.state import ScopeState
@@ -93,21 +93,19 @@ class Applier:
             await self._flush(run)
             run.replies.append(_Reply(request, await self._query(message), tentative=False))
             return
-        assert isinstance(message, BaseCommand)
+        assert not isinstance(message, BaseQuery)
         await self._command(run, request, message, item.digest or "")
 
-    async def _query(self, query: BaseQuery) -> bytes:
+    async def _query(self, query: Query) -> bytes:
         if query.actor is not None and query.actor.role == "system":
             return _error(query.id, errors.Unauthorized("role system is reserved", role="system"))
         try:
-            result = await queries.answer(query, self.ledger, self.store)  # type: ignore[arg-type]
+            result = await queries.answer(query, self.ledger, self.store)
         except errors.DomainError as exc:
             return _error(query.id, exc)
         return codec.result_reply(query.id, result)
 
-    async def _command(
-        self, run: _Run, request: Request, command: BaseCommand, digest: str
-    ) -> None:
+    async def _command(self, run: _Run, request: Request, command: Command, digest: str) -> None:
         previous = run.known.get(command.id) or run.pending_acks.get(command.id)
         if previous is not None:
             tentative = command.id in run.pending_acks
@@ -117,7 +115,7 @@ class Applier:
         target = await self._rollback_target(run, command)
         try:
             entries = run.draft.apply(
-                command,  # type: ignore[arg-type]
+                command,
                 now=self.clock.now(),
                 digest=digest,
                 rollback_target=target,

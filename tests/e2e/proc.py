@@ -35,16 +35,18 @@ def replies(out: bytes) -> list[dict[str, Any]]:
 
 def start_socket_worker(db: Path, sock: Path, *extra: str) -> subprocess.Popen[bytes]:
     """Start ``bidlog serve --socket`` and wait until it accepts connections."""
-    proc = subprocess.Popen(
-        [str(BIN), "serve", "--socket", str(sock), "--db", str(db), *extra],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
+    log = sock.with_name(sock.name + ".log")
+    with log.open("ab") as stderr:
+        proc = subprocess.Popen(
+            [str(BIN), "serve", "--socket", str(sock), "--db", str(db), *extra],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+        )
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"worker exited: {proc.stderr.read() if proc.stderr else b''!r}")
+            raise RuntimeError(f"worker exited: {log.read_bytes().decode(errors='replace')}")
         try:
             with socket.socket(socket.AF_UNIX) as probe:
                 probe.connect(str(sock))

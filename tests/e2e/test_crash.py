@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import shutil
 import signal
 import string
 import tempfile
@@ -58,7 +59,7 @@ def test_sigkill_mid_stream_loses_no_ack_and_applies_nothing_twice(tmp_path: Pat
     finally:
         again.send_signal(signal.SIGTERM)
         assert again.wait(20) == 0
-    sock.parent.rmdir()
+    shutil.rmtree(sock.parent)
 
     by_id = {r["id"]: r for r in resent}
     for first in acked:

@@ -182,7 +182,9 @@ def test_stale_socket_file_is_replaced(tmp_path: Path, sockdir: Path) -> None:
     assert sock.exists()  # left behind by the crash
     again = start_socket_worker(db, sock)
     try:
-        assert SocketClient(sock).ask([line(create_area())])[0]["ok"]
+        client = SocketClient(sock)
+        assert client.ask([line(create_area())])[0]["ok"]
+        client.close()
     finally:
         again.send_signal(signal.SIGTERM)
         assert again.wait(20) == 0

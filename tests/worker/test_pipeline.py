@@ -224,7 +224,7 @@ async def test_duplicates_hold_across_restarts(db: Path) -> None:
     for a, b in zip(first, second, strict=True):
         if "event_id" in a:
             assert b == {**a, "duplicate": True}
-    assert [x["head_event"] for x in areas["result"]["areas"]] == [11, 2]
+    assert [x["head_event"] for x in areas["result"]["areas"]] == [11, 5]
 
 
 async def test_failed_commands_are_not_remembered(db: Path) -> None:

@@ -81,6 +81,10 @@ def decode(line: bytes) -> Decoded:
 def _classify(line: bytes, error: str) -> DecodeFailure:
     """Tell apart the ways a well-formed line can fail the schema, most basic first."""
     try:
+        line.decode()  # msgspec skips unknown fields' values without checking their UTF-8
+    except UnicodeDecodeError as exc:
+        return _malformed(exc)
+    try:
         envelope = _envelope_decoder.decode(line)
     except msgspec.ValidationError:
         return DecodeFailure("invalid_message", "a message must be a JSON object", _at("$"), None)

@@ -128,6 +128,12 @@ def test_the_reserved_system_role_passes_decoding_and_is_left_to_authorization()
         b'{"id":"m-1","type":"verify"}{"id":"m-2","type":"verify"}',
         b'{"id":"m-\xff","type":"verify"}',
         b'{"id":"m-1","type":"verify"}\xff',
+        # Invalid UTF-8 where msgspec would stop at a schema error without reading it.
+        b'{"id":"m-1","type":"create_area","name":"\xff"}',
+        b'{"id":"m-1","type":"verify","\xff":1}',
+        b'{"id":"m-1","type":"verify","x":{"y":["\xc3"]}}',
+        b'{"id":"m-1","type":"register_user","user_type":"CPC\xff"}',
+        b'{"id":"m-1","type":"verif\xff"}',
         b'{"id":"\xc3","type":"verify"}',
         b'{"id":"\\ud800","type":"verify"}',
         b'\xef\xbb\xbf{"id":"m-1","type":"verify"}',

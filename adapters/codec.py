@@ -21,6 +21,7 @@ __all__ = [
     "ack_reply",
     "decode",
     "encode_json_line",
+    "error_path",
     "error_reply",
     "result_reply",
 ]
@@ -100,7 +101,7 @@ def _classify(line: bytes, error: str) -> DecodeFailure:
     message_type = _string(envelope.get("type"))
     if message_type is None:
         return DecodeFailure(
-            "invalid_message", "`type` must be a string", _at("$.type"), message_id
+            "invalid_message", "`type` is missing or not a string", _at("$.type"), message_id
         )
     if message_type not in MESSAGE_TYPES:
         return DecodeFailure(

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Callable, Iterable
+from operator import attrgetter
 from typing import Any
 
 import msgspec
@@ -53,8 +55,8 @@ def auto_checkpoint(state: ScopeState, *, event_id: int, recorded_at: str) -> Ev
 def _put_user(state: ScopeState, before: Any, after: Any) -> ScopeState:
     user = msgspec.convert(after["user"], User)
     kept = [u for u in state.users if u.initials != user.initials]
-    users = tuple(sorted((*kept, user), key=lambda u: u.initials))
-    return msgspec.structs.replace(state, users=users)
+    bisect.insort(kept, user, key=_initials)
+    return msgspec.structs.replace(state, users=tuple(kept))
 
 
 def _add_round(state: ScopeState, before: Any, after: Any) -> ScopeState:
@@ -70,8 +72,9 @@ def _put_bid(state: ScopeState, before: Any, after: Any) -> ScopeState:
 
     def change(rnd: Round) -> Round:
         kept = [b for b in rnd.bids if b.initials != initials]
-        bids = kept if new is None else sorted((*kept, new), key=lambda b: b.initials)
-        return msgspec.structs.replace(rnd, bids=tuple(bids))
+        if new is not None:
+            bisect.insort(kept, new, key=_initials)
+        return msgspec.structs.replace(rnd, bids=tuple(kept))
 
     return _map_round(state, number, change)
 
@@ -96,6 +99,8 @@ def _restore(state: ScopeState, before: Any, after: Any) -> ScopeState:
     rounds = msgspec.convert(after["rounds"], tuple[Round, ...])
     return msgspec.structs.replace(state, users=users, rounds=rounds)
 
+
+_initials = attrgetter("initials")
 
 _EVOLVERS: dict[str, Callable[[ScopeState, Any, Any], ScopeState]] = {
     "register_user": _put_user,

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import datetime as dt
+from collections import Counter
 from collections.abc import Iterator, Mapping
+from itertools import chain
 
 import msgspec
 
@@ -137,9 +139,9 @@ def check_days_available(
                 day=day.isoformat(),
                 round=held[day],
             )
-    taken = _taken_counts(state, current, initials, set(days))
+    taken = _taken_counts(state, current, initials)
     for day in sorted(days):
-        if taken.get(day, 0) >= current.max_per_day:
+        if taken[day] >= current.max_per_day:
             raise errors.DayFull(
                 f"{day.isoformat()} is full ({current.max_per_day} per day)",
                 day=day.isoformat(),
@@ -157,17 +159,11 @@ def _held_days(state: ScopeState, initials: str) -> dict[dt.date, int]:
     }
 
 
-def _taken_counts(
-    state: ScopeState, current: Round, initials: str, wanted: set[dt.date]
-) -> dict[dt.date, int]:
-    counts: dict[dt.date, int] = {}
-    others = (b for b in current.bids if b.initials != initials)
-    holders = (b for rnd in _finalized(state) for b in rnd.bids)
-    for bid in (*holders, *others):
-        for day in bid.days:
-            if day in wanted:
-                counts[day] = counts.get(day, 0) + 1
-    return counts
+def _taken_counts(state: ScopeState, current: Round, initials: str) -> Counter[dt.date]:
+    """Per day: holders from finalized rounds plus other users' bids in the open round."""
+    others = (b.days for b in current.bids if b.initials != initials)
+    holders = (b.days for rnd in _finalized(state) for b in rnd.bids)
+    return Counter(chain.from_iterable(chain(holders, others)))
 
 
 def _finalized(state: ScopeState) -> Iterator[Round]:

@@ -28,16 +28,24 @@ log = logging.getLogger("bidlog.applier")
 
 
 @dataclass(eq=False)
-class Request:
-    """One framed line and where its reply goes."""
+class Outbox:
+    """Where one connection's replies go: ``send((data, count))`` never blocks (the
+    connection's window bounds it); ``count`` is how many replies ``data`` holds."""
 
-    frame: bytes | TooLarge
-    deliver: Callable[[bytes], None]
+    send: Callable[[tuple[bytes, int]], None]
+
+
+@dataclass(eq=False)
+class Request:
+    """Framed lines from one read of one connection, and where their replies go."""
+
+    frames: list[bytes | TooLarge]
+    outbox: Outbox
 
 
 @dataclass
 class _Reply:
-    request: Request
+    outbox: Outbox
     data: bytes
     tentative: bool  # depends on the pending transaction's commit
     message_id: str | None = None
@@ -62,27 +70,27 @@ class Applier:
         self.clock = clock
 
     async def process(self, requests: Sequence[Request]) -> None:
-        """Handle ``requests`` in order; every one gets exactly one reply."""
-        decoded = [_decode(r.frame) for r in requests]
-        ids = [d.message.id for d in decoded if isinstance(d, codec.Decoded) and _is_cmd(d)]
+        """Handle every line of ``requests`` in order; each gets exactly one reply."""
+        lines = [(r.outbox, _decode(frame)) for r in requests for frame in r.frames]
+        ids = [d.message.id for _, d in lines if isinstance(d, codec.Decoded) and _is_cmd(d)]
         try:
             known = await self.store.acks(ids) if ids else {}
         except Exception:
             log.exception("idempotency lookup failed; the batch is refused")
-            for request, item in zip(requests, decoded, strict=True):
-                request.deliver(_persistence_failed(_message_id(item)))
+            for outbox, item in lines:
+                outbox.send((_persistence_failed(_message_id(item)), 1))
             return
         run = _Run(self.ledger.draft(), known)
-        for request, item in zip(requests, decoded, strict=True):
+        for outbox, item in lines:
             try:
-                await self._handle(run, request, item)
+                await self._handle(run, outbox, item)
             except Exception:
                 log.exception("internal error while handling a message")
-                run.replies.append(_Reply(request, _internal(item), tentative=False))
+                run.replies.append(_Reply(outbox, _internal(item), tentative=False))
         await self._flush(run)
 
     async def _handle(
-        self, run: _Run, request: Request, item: codec.Decoded | codec.DecodeFailure
+        self, run: _Run, request: Outbox, item: codec.Decoded | codec.DecodeFailure
     ) -> None:
         if isinstance(item, codec.DecodeFailure):
             data = codec.error_reply(item.message_id, item.code, item.message, item.details)
@@ -105,7 +113,7 @@ class Applier:
             return _error(query.id, exc)
         return codec.result_reply(query.id, result)
 
-    async def _command(self, run: _Run, request: Request, command: Command, digest: str) -> None:
+    async def _command(self, run: _Run, request: Outbox, command: Command, digest: str) -> None:
         previous = run.known.get(command.id) or run.pending_acks.get(command.id)
         if previous is not None:
             tentative = command.id in run.pending_acks
@@ -141,11 +149,7 @@ class Applier:
         failed = False
         if run.draft.entries:
             failed = not await self._commit(run)
-        for reply in run.replies:
-            data = reply.data
-            if failed and reply.tentative:
-                data = _persistence_failed(reply.message_id)
-            reply.request.deliver(data)
+        _deliver(run.replies, failed)
         if not failed:
             run.known.update(run.pending_acks)
         run.replies.clear()
@@ -174,6 +178,23 @@ class Applier:
             },
         )
         return True
+
+
+def _deliver(replies: list[_Reply], failed: bool) -> None:
+    """Send replies in order, one message per run of replies to the same connection."""
+    i = 0
+    while i < len(replies):
+        outbox, start = replies[i].outbox, i
+        while i < len(replies) and replies[i].outbox is outbox:
+            i += 1
+        data = [_final(r, failed) for r in replies[start:i]]
+        outbox.send((b"".join(data), len(data)))
+
+
+def _final(reply: _Reply, failed: bool) -> bytes:
+    if failed and reply.tentative:
+        return _persistence_failed(reply.message_id)
+    return reply.data
 
 
 def _decode(frame: bytes | TooLarge) -> codec.Decoded | codec.DecodeFailure:

@@ -1,9 +1,10 @@
 """The anyio pipeline: connections frame lines into one bounded inbox; one applier
 task takes what is waiting as a batch, commits it, and replies in order per stream.
 
-Memory stays bounded: the inbox holds at most ``inbox_size`` requests, and each
-connection has at most ``in_flight`` lines read but not yet answered, so a flood or a
-slow disk pushes back on the readers instead of growing queues.
+Memory stays bounded: the inbox holds at most ``inbox_size`` chunks of lines, and each
+connection has a window of at most ``in_flight`` lines read but not yet answered, so a
+flood or a slow disk pushes back on the readers instead of growing queues. Lines travel
+in chunks (all the lines one read produced) so the per-line cost stays small.
 """
 
 from __future__ import annotations
@@ -15,12 +16,42 @@ from contextlib import asynccontextmanager
 
 import anyio
 import anyio.abc
-from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+from anyio.streams.memory import MemoryObjectReceiveStream
 
-from adapters.transports import frame_lines, memory_stream_pair
-from worker.applier import Applier, Request
+from adapters.transports import LineFramer, TooLarge, memory_stream_pair
+from worker.applier import Applier, Outbox, Request
 
 log = logging.getLogger("bidlog.pipeline")
+
+_GONE = (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError)
+
+
+class Window:
+    """Counts a connection's lines read but not yet answered; readers wait when full."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.used = 0
+        self._freed = anyio.Event()
+
+    async def acquire(self, count: int) -> None:
+        # A chunk larger than the whole window may pass alone, when nothing is in flight.
+        while self.used and self.used + count > self.size:
+            await self._wait()
+        self.used += count
+
+    def release(self, count: int) -> None:
+        self.used -= count
+        self._freed.set()
+
+    async def drained(self) -> None:
+        while self.used:
+            await self._wait()
+
+    async def _wait(self) -> None:
+        if self._freed.is_set():
+            self._freed = anyio.Event()
+        await self._freed.wait()
 
 
 class Worker:
@@ -31,8 +62,8 @@ class Worker:
         applier: Applier,
         *,
         max_batch: int = 512,
-        inbox_size: int = 1024,
-        in_flight: int = 1024,
+        inbox_size: int = 256,
+        in_flight: int = 2048,
     ) -> None:
         self.applier = applier
         self.max_batch = max_batch
@@ -46,39 +77,38 @@ class Worker:
         self._tg: anyio.abc.TaskGroup | None = None
 
     async def apply_forever(self) -> None:
-        """Take what is waiting (up to ``max_batch``), process it; end when the inbox closes."""
+        """Take what is waiting (about ``max_batch`` lines), process it; end when the
+        inbox is closed and empty."""
         async with self._inbox:
             async for first in self._inbox:
-                requests = [first, *self._drain()]
+                requests = self._gather(first)
                 with anyio.CancelScope(shield=True):
                     await self.applier.process(requests)
 
-    def _drain(self) -> list[Request]:
-        more: list[Request] = []
-        while len(more) < self.max_batch - 1:
+    def _gather(self, first: Request) -> list[Request]:
+        requests, lines = [first], len(first.frames)
+        while lines < self.max_batch:
             try:
-                more.append(self._inbox.receive_nowait())
+                more = self._inbox.receive_nowait()
             except (anyio.WouldBlock, anyio.EndOfStream):
                 break
-        return more
+            requests.append(more)
+            lines += len(more.frames)
+        return requests
 
     async def serve(self, stream: anyio.abc.ByteStream) -> None:
         """Read lines from ``stream`` until it ends (or the worker stops) and answer each."""
-        outbox_send, outbox = anyio.create_memory_object_stream[bytes](math.inf)
-        slots = anyio.Semaphore(self.in_flight)
+        outbox_send, outbox = anyio.create_memory_object_stream[tuple[bytes, int]](math.inf)
+        window = Window(self.in_flight)
         async with anyio.create_task_group() as tg:
-            tg.start_soon(_write_replies, stream, outbox, slots)
+            tg.start_soon(_write_replies, stream, outbox, window)
             async with outbox_send:
-                await self._read_requests(stream, outbox_send, slots)
-                for _ in range(self.in_flight):  # every reply handed to the writer
-                    await slots.acquire()
+                await self._read_requests(stream, Outbox(outbox_send.send_nowait), window)
+                await window.drained()  # every reply handed to the writer and written
         await stream.aclose()
 
     async def _read_requests(
-        self,
-        stream: anyio.abc.ByteStream,
-        outbox: MemoryObjectSendStream[bytes],
-        slots: anyio.Semaphore,
+        self, stream: anyio.abc.ByteStream, outbox: Outbox, window: Window
     ) -> None:
         if self._stopping:
             return
@@ -87,19 +117,33 @@ class Worker:
         self._reading += 1
         try:
             with scope:
-                async for frame in frame_lines(stream):
-                    await slots.acquire()
-                    # Shielded: a request is either fully handed over or never taken,
-                    # and the applier keeps draining, so this cannot hang a shutdown.
-                    with anyio.CancelScope(shield=True):
-                        await self._inbox_send.send(Request(frame, outbox.send_nowait))
-        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
+                await self._pump(stream, outbox, window)
+        except _GONE as exc:
             log.info("connection closed while reading: %s", exc)
         finally:
             self._readers.discard(scope)
             self._reading -= 1
             if self._reading == 0 and self._stopping:
                 self._no_readers.set()
+
+    async def _pump(self, stream: anyio.abc.ByteStream, outbox: Outbox, window: Window) -> None:
+        framer = LineFramer()
+        while True:
+            try:
+                frames = framer.feed(await stream.receive())
+            except anyio.EndOfStream:
+                await self._push(framer.finish(), outbox, window)
+                return
+            await self._push(frames, outbox, window)
+
+    async def _push(self, frames: list[bytes | TooLarge], outbox: Outbox, window: Window) -> None:
+        if not frames:
+            return
+        await window.acquire(len(frames))
+        # Shielded: a chunk is either handed over whole or never taken, and the applier
+        # keeps draining, so this cannot hang a shutdown.
+        with anyio.CancelScope(shield=True):
+            await self._inbox_send.send(Request(frames, outbox))
 
     def stop_reading(self) -> None:
         """Stop every reader; what was read is still committed and answered."""
@@ -130,10 +174,10 @@ class Worker:
 
 async def _write_replies(
     stream: anyio.abc.ByteStream,
-    outbox: MemoryObjectReceiveStream[bytes],
-    slots: anyio.Semaphore,
+    outbox: MemoryObjectReceiveStream[tuple[bytes, int]],
+    window: Window,
 ) -> None:
-    """Write replies in order, coalescing what is waiting; free one slot per reply."""
+    """Write replies in order, coalescing what is waiting; free the window as they go."""
     broken = False
     async with outbox:
         async for first in outbox:
@@ -145,12 +189,11 @@ async def _write_replies(
                     break
             if not broken:
                 try:
-                    await stream.send(b"".join(chunk))
-                except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
+                    await stream.send(b"".join(data for data, _ in chunk))
+                except _GONE as exc:
                     log.info("peer went away; dropping its replies: %s", exc)
                     broken = True
-            for _ in chunk:
-                slots.release()
+            window.release(sum(count for _, count in chunk))
 
 
 @asynccontextmanager

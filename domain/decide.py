@@ -12,7 +12,7 @@ from typing import Any
 
 import msgspec
 
-from domain import rules
+from domain import index, rules
 from domain.commands import (
     BaseCommand,
     Checkpoint,
@@ -132,7 +132,7 @@ def _submit(state: ScopeState, cmd: SubmitBid, ctx: Context) -> Delta:
     rules.require_user(state, cmd.initials)
     current = rules.require_open_round(state, cmd.round)
     rules.check_days_available(state, current, cmd.initials, cmd.days)
-    old = next((b for b in current.bids if b.initials == cmd.initials), None)
+    old = index.bids_by_initials(current).get(cmd.initials)
     new = Bid(cmd.initials, tuple(sorted(cmd.days)))
     return Delta(
         before={"round": cmd.round, "bid": bid_data(old)},
@@ -142,8 +142,7 @@ def _submit(state: ScopeState, cmd: SubmitBid, ctx: Context) -> Delta:
 
 def _withdraw(state: ScopeState, cmd: WithdrawBid, ctx: Context) -> Delta:
     current = rules.require_open_round(state, cmd.round)
-    rules.require_bid(current, cmd.initials)
-    old = next(b for b in current.bids if b.initials == cmd.initials)
+    old = rules.require_bid(current, cmd.initials)
     return Delta(
         before={"round": cmd.round, "bid": bid_data(old)},
         after={"round": cmd.round, "bid": None},

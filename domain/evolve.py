@@ -5,10 +5,11 @@ from __future__ import annotations
 import bisect
 from collections.abc import Callable, Iterable
 from operator import attrgetter
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 
+from domain import index
 from domain.commands import Cause
 from domain.events import SYSTEM_ACTOR, Event
 from domain.state import Bid, Round, ScopeState, User
@@ -22,7 +23,9 @@ def evolve(state: ScopeState | None, event: Event) -> ScopeState:
         base = ScopeState(bid_year=event.bid_year, area=event.area)
     else:
         base = _EVOLVERS[event.action](state, event.before, event.after)
-    return msgspec.structs.replace(base, seq=event.seq, head_event=event.event_id)
+    new = msgspec.structs.replace(base, seq=event.seq, head_event=event.event_id)
+    index.carry_users(state, new)
+    return new
 
 
 def replay(state: ScopeState | None, events: Iterable[Event]) -> ScopeState | None:
@@ -54,9 +57,7 @@ def auto_checkpoint(state: ScopeState, *, event_id: int, recorded_at: str) -> Ev
 
 def _put_user(state: ScopeState, before: Any, after: Any) -> ScopeState:
     user = msgspec.convert(after["user"], User)
-    kept = [u for u in state.users if u.initials != user.initials]
-    bisect.insort(kept, user, key=_initials)
-    return msgspec.structs.replace(state, users=tuple(kept))
+    return msgspec.structs.replace(state, users=_put_sorted(state.users, user.initials, user))
 
 
 def _add_round(state: ScopeState, before: Any, after: Any) -> ScopeState:
@@ -71,10 +72,9 @@ def _put_bid(state: ScopeState, before: Any, after: Any) -> ScopeState:
     initials: str = new.initials if new is not None else before["bid"]["initials"]
 
     def change(rnd: Round) -> Round:
-        kept = [b for b in rnd.bids if b.initials != initials]
-        if new is not None:
-            bisect.insort(kept, new, key=_initials)
-        return msgspec.structs.replace(rnd, bids=tuple(kept))
+        changed = msgspec.structs.replace(rnd, bids=_put_sorted(rnd.bids, initials, new))
+        index.carry_bid(rnd, changed, index.bids_by_initials(rnd).get(initials), new)
+        return changed
 
     return _map_round(state, number, change)
 
@@ -101,6 +101,18 @@ def _restore(state: ScopeState, before: Any, after: Any) -> ScopeState:
 
 
 _initials = attrgetter("initials")
+T = TypeVar("T", User, Bid)
+
+
+def _put_sorted(items: tuple[T, ...], initials: str, item: T | None) -> tuple[T, ...]:
+    """``items`` (sorted by initials) with the one for ``initials`` replaced, added, or
+    removed (``item`` None)."""
+    at = bisect.bisect_left(items, initials, key=_initials)
+    found = at < len(items) and items[at].initials == initials
+    head: tuple[T, ...] = items[:at]
+    rest: tuple[T, ...] = items[at + 1 :] if found else items[at:]
+    return head + (item,) + rest if item is not None else head + rest  # noqa: RUF005
+
 
 _EVOLVERS: dict[str, Callable[[ScopeState, Any, Any], ScopeState]] = {
     "register_user": _put_user,

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import datetime as dt
-from collections import Counter
 from collections.abc import Iterator, Mapping
-from itertools import chain
 
 import msgspec
 
-from domain import errors
+from domain import errors, index
 from domain.commands import (
     BIDDER_COMMANDS,
     BaseCommand,
@@ -17,7 +15,7 @@ from domain.commands import (
     SubmitBid,
     UpdateUser,
 )
-from domain.state import Round, ScopeState, User
+from domain.state import Bid, Round, ScopeState, User
 
 
 def check_shape(command: BaseCommand) -> None:
@@ -85,7 +83,7 @@ def require_no_scope(state: ScopeState | None, command: BaseCommand) -> None:
 
 
 def require_user(state: ScopeState, initials: str) -> User:
-    user = state.user(initials)
+    user = index.users_by_initials(state).get(initials)
     if user is None:
         raise errors.UnknownUser(
             f"no user {initials} in {state.bid_year}/{state.area}", initials=initials
@@ -96,7 +94,8 @@ def require_user(state: ScopeState, initials: str) -> User:
 def check_initials_free(
     state: ScopeState, initials: str, other_initials: Mapping[str, str]
 ) -> None:
-    area = state.area if state.user(initials) is not None else other_initials.get(initials)
+    known = index.users_by_initials(state)
+    area = state.area if initials in known else other_initials.get(initials)
     if area is not None:
         raise errors.DuplicateInitials(
             f"initials {initials} are already registered in {state.bid_year}/{area}",
@@ -139,9 +138,8 @@ def check_days_available(
                 day=day.isoformat(),
                 round=held[day],
             )
-    taken = _taken_counts(state, current, initials)
     for day in sorted(days):
-        if taken[day] >= current.max_per_day:
+        if _taken(state, current, initials, day) >= current.max_per_day:
             raise errors.DayFull(
                 f"{day.isoformat()} is full ({current.max_per_day} per day)",
                 day=day.isoformat(),
@@ -150,33 +148,36 @@ def check_days_available(
 
 
 def _held_days(state: ScopeState, initials: str) -> dict[dt.date, int]:
-    return {
-        day: rnd.round
-        for rnd in _finalized(state)
-        for bid in rnd.bids
-        if bid.initials == initials
-        for day in bid.days
-    }
+    held: dict[dt.date, int] = {}
+    for rnd in _finalized(state):
+        bid = index.bids_by_initials(rnd).get(initials)
+        if bid is not None:
+            held.update((day, rnd.round) for day in bid.days)
+    return held
 
 
-def _taken_counts(state: ScopeState, current: Round, initials: str) -> Counter[dt.date]:
-    """Per day: holders from finalized rounds plus other users' bids in the open round."""
-    others = (b.days for b in current.bids if b.initials != initials)
-    holders = (b.days for rnd in _finalized(state) for b in rnd.bids)
-    return Counter(chain.from_iterable(chain(holders, others)))
+def _taken(state: ScopeState, current: Round, initials: str, day: dt.date) -> int:
+    """Holders of ``day`` from finalized rounds plus other users' bids for it in ``current``."""
+    taken = index.day_counts(current).get(day, 0)
+    own = index.bids_by_initials(current).get(initials)
+    if own is not None and day in own.days:
+        taken -= 1
+    return taken + sum(index.day_counts(rnd).get(day, 0) for rnd in _finalized(state))
 
 
 def _finalized(state: ScopeState) -> Iterator[Round]:
     return (r for r in state.rounds if r.status == "finalized")
 
 
-def require_bid(current: Round, initials: str) -> None:
-    if not any(b.initials == initials for b in current.bids):
+def require_bid(current: Round, initials: str) -> Bid:
+    bid = index.bids_by_initials(current).get(initials)
+    if bid is None:
         raise errors.NoBid(
             f"{initials} has no bid in round {current.round}",
             initials=initials,
             round=current.round,
         )
+    return bid
 
 
 def check_rollback(

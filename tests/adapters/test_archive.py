@@ -1,0 +1,361 @@
+"""Export, import and backup against real SQLite files.
+
+The history is made by the real pipeline (two areas, automatic and explicit snapshots,
+a finalized round, a rollback, a refused command, non-ASCII text), so the export holds
+every kind of event there is.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import sqlite3
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import anyio
+import msgspec
+import pytest
+
+from adapters import archive
+from adapters.canonical import ZERO_HASH, canonical, chain_hash
+from adapters.sqlite_schema import DatabaseLocked, WriterLock
+from adapters.sqlite_store import SqliteStore
+from domain.state import render
+from tests.wire import BIDDER, Msg, bid, create_area, msg, open_round, register
+from tests.worker.harness import START, client_on, worker_on
+
+Line = dict[str, Any]
+
+
+class TickClock:
+    """Moves one millisecond per reading, so every event has its own time."""
+
+    def __init__(self) -> None:
+        self.moment = START
+
+    def now(self) -> dt.datetime:
+        self.moment += dt.timedelta(milliseconds=1)
+        return self.moment
+
+
+def first_part() -> list[Msg]:
+    return [
+        create_area("North", id="c-n"),
+        create_area("South", id="c-s"),
+        register("AB", id="r-ab", name="Ann Bell"),
+        register("CD", id="r-cd"),
+        register("EF", area="South", id="r-ef", name="Éva Ñúñez ✓"),
+        open_round(1, max_per_day=2, id="o-1"),
+        bid("AB", ["2026-07-01", "2026-07-02"], id="b-ab"),
+        bid("CD", ["2026-07-02"], id="b-cd"),
+        withdraw("CD", id="w-cd"),
+        msg("checkpoint", bid_year=2026, area="North", label="half ✓", id="k-1"),
+        bid("AB", ["2026-07-03"], id="b-ab2"),
+        msg("finalize_round", bid_year=2026, area="North", round=1, id="f-1"),
+        register("AB", area="South", id="r-ab-dup"),  # refused: duplicate_initials
+    ]
+
+
+def withdraw(initials: str, **kw: Any) -> Msg:
+    return msg("withdraw_bid", bid_year=2026, area="North", round=1, initials=initials,
+               actor=BIDDER, **kw)  # fmt: skip
+
+
+def second_part(to_event: int) -> list[Msg]:
+    return [
+        msg("rollback", bid_year=2026, area="North", to_event=to_event, id="rb-1"),
+        register("GH", id="r-gh"),
+        register("IJ", area="South", id="r-ij"),
+        open_round(1, area="South", id="o-s1"),
+        bid("EF", ["2026-12-24"], area="South", id="b-ef"),
+    ]
+
+
+@pytest.fixture
+async def original(tmp_path: Path) -> tuple[Path, list[Msg]]:
+    """A database with a varied history, and every message that made it."""
+    db = tmp_path / "original.sqlite3"
+    sent = first_part()
+    async with client_on(db, clock=TickClock(), checkpoint_every=3) as client:
+        replies = await client.ask(*sent)
+        assert [r["ok"] for r in replies] == [True] * 12 + [False]
+        more = second_part(to_event=replies[7]["event_id"])
+        assert all(r["ok"] for r in await client.ask(*more))
+    return db, sent + more
+
+
+async def export_of(db: Path) -> bytes:
+    store = await SqliteStore.open(db, writer=False)
+    try:
+        return b"".join([line async for line in archive.export_lines(store)])
+    finally:
+        await store.close()
+
+
+def rows(db: Path, table: str) -> list[tuple[Any, ...]]:
+    conn = sqlite3.connect(db)
+    try:
+        return conn.execute(f"SELECT * FROM {table} ORDER BY 1").fetchall()
+    finally:
+        conn.close()
+
+
+async def states_everywhere(db: Path) -> list[Any]:
+    """Every scope's rendered state after every event, as the store reads them."""
+    store = await SqliteStore.open(db, writer=False)
+    try:
+        head = (await store.head()).event_id
+        keys = [(a["bid_year"], a["area"]) for a in await store.list_areas()]
+        found = []
+        for n in range(head + 1):
+            for key in keys:
+                state = await store.state_at(key, at_event=n)
+                found.append(None if state is None else render(state))
+        return found
+    finally:
+        await store.close()
+
+
+async def test_rebuilt_database_verifies_and_matches_the_original_everywhere(
+    original: tuple[Path, list[Msg]], tmp_path: Path
+) -> None:
+    db, _ = original
+    exported = await export_of(db)
+    rebuilt = tmp_path / "rebuilt.sqlite3"
+    counts = archive.import_export(exported.splitlines(keepends=True), rebuilt)
+
+    store = await SqliteStore.open(rebuilt, writer=False)
+    try:
+        assert await store.verify() == counts
+    finally:
+        await store.close()
+    assert counts["snapshots"] >= 5  # checkpoint, finalize, rollback and automatic ones
+    assert await export_of(rebuilt) == exported
+    assert await states_everywhere(rebuilt) == await states_everywhere(db)
+    for table in ("events", "snapshots", "acks"):
+        assert rows(rebuilt, table) == rows(db, table), table
+
+
+async def test_original_commands_are_duplicates_on_the_rebuilt_database(
+    original: tuple[Path, list[Msg]], tmp_path: Path
+) -> None:
+    db, sent = original
+    rebuilt = tmp_path / "rebuilt.sqlite3"
+    archive.import_export((await export_of(db)).splitlines(), rebuilt)
+    async with client_on(rebuilt, clock=TickClock()) as client:
+        again = await client.ask(*sent)
+    acked = [r for r in again if r["ok"]]
+    assert len(acked) == len(sent) - 1
+    assert all(r["duplicate"] for r in acked)
+    assert [r["error"]["code"] for r in again if not r["ok"]] == ["duplicate_initials"]
+    assert await export_of(rebuilt) == await export_of(db)  # nothing was appended
+
+
+def rehash(lines: list[Line], start: int = 0) -> list[Line]:
+    """Recompute the chain from ``lines[start]`` on, as a forger would."""
+    prev = lines[start - 1]["hash"] if start else ZERO_HASH
+    for obj in lines[start:]:
+        obj["prev_hash"] = prev
+        hashed = {k: v for k, v in obj.items() if k not in {"hash", "state"}}
+        obj["hash"] = prev = chain_hash(prev, hashed)
+    return lines
+
+
+def first_snapshot_after(lines: list[Line], index: int) -> int:
+    area = lines[index]["area"]
+    return next(
+        i for i in range(index + 1, len(lines)) if lines[i]["snapshot"] and lines[i]["area"] == area
+    )
+
+
+def alter(lines: list[Line]) -> tuple[list[Line], int]:
+    lines[2]["actor"]["id"] = "someone-else"
+    return lines, 3
+
+
+def drop(lines: list[Line]) -> tuple[list[Line], int]:
+    del lines[1]
+    return lines, 2
+
+
+def swap(lines: list[Line]) -> tuple[list[Line], int]:
+    lines[1], lines[2] = lines[2], lines[1]
+    return lines, 2
+
+
+def forge_and_rehash(lines: list[Line]) -> tuple[list[Line], int]:
+    lines[2]["after"]["user"]["name"] = "Forged Name"
+    return rehash(lines, 2), first_snapshot_after(lines, 2) + 1
+
+
+def forge_snapshot_state(lines: list[Line]) -> tuple[list[Line], int]:
+    index = next(i for i, obj in enumerate(lines) if obj["snapshot"])
+    lines[index]["state"]["users"] = []
+    return lines, index + 1
+
+
+def break_prev_hash(lines: list[Line]) -> tuple[list[Line], int]:
+    lines[4]["prev_hash"] = "f" * 64
+    hashed = {k: v for k, v in lines[4].items() if k not in {"hash", "state"}}
+    lines[4]["hash"] = chain_hash("f" * 64, hashed)
+    return rehash(lines, 5), 5
+
+
+def reuse_message_id(lines: list[Line]) -> tuple[list[Line], int]:
+    lines[3]["message_id"] = lines[2]["message_id"]
+    return rehash(lines, 3), 4
+
+
+def time_goes_back(lines: list[Line]) -> tuple[list[Line], int]:
+    lines[3]["recorded_at"] = "2000-01-01T00:00:00.000000Z"
+    return rehash(lines, 3), 4
+
+
+def skip_seq(lines: list[Line]) -> tuple[list[Line], int]:
+    lines[3]["seq"] += 1
+    return rehash(lines, 3), 4
+
+
+def extra_field(lines: list[Line]) -> tuple[list[Line], int]:
+    lines[5]["note"] = "hello"
+    return lines, 6
+
+
+def drop_state(lines: list[Line]) -> tuple[list[Line], int]:
+    index = next(i for i, obj in enumerate(lines) if obj["snapshot"])
+    del lines[index]["state"]
+    return lines, index + 1
+
+
+def wrong_type(lines: list[Line]) -> tuple[list[Line], int]:
+    lines[1]["seq"] = "1"
+    return rehash(lines, 1), 2
+
+
+Mutation = Callable[[list[Line]], tuple[list[Line], int]]
+
+
+@pytest.mark.parametrize(
+    ("mutate", "says"),
+    [
+        (alter, "hash does not match"),
+        (drop, "event id 3 where 2 was expected"),
+        (swap, "event id 3 where 2 was expected"),
+        (forge_and_rehash, "snapshot differs from the replayed state"),
+        (forge_snapshot_state, "snapshot differs from the replayed state"),
+        (break_prev_hash, "prev_hash is not the hash of event 4"),
+        (reuse_message_id, "used twice"),
+        (time_goes_back, "decreasing recorded_at"),
+        (skip_seq, "seq 4 where 3 was expected"),
+        (extra_field, "unknown fields ['note']"),
+        (drop_state, "'state' must be present exactly on snapshots"),
+        (wrong_type, "not an event"),
+    ],
+)
+async def test_a_broken_or_forged_export_is_refused_naming_the_line(
+    original: tuple[Path, list[Msg]], tmp_path: Path, mutate: Mutation, says: str
+) -> None:
+    lines = [msgspec.json.decode(x) for x in (await export_of(original[0])).splitlines()]
+    bad, line = mutate(lines)
+    target = tmp_path / "new" / "rebuilt.sqlite3"
+    target.parent.mkdir()
+    with pytest.raises(archive.BadLine) as caught:
+        archive.import_export([canonical(obj) + b"\n" for obj in bad], target)
+    assert caught.value.line == line
+    assert str(caught.value).startswith(f"line {line}: ")
+    assert says in str(caught.value)
+    assert sorted(p.name for p in target.parent.iterdir()) == ["rebuilt.sqlite3.lock"]
+
+
+@pytest.mark.parametrize(
+    ("junk", "says"),
+    [(b"{oops", "not JSON"), (b"[1, 2]", "not a JSON object"), (b"\xff\xfe", "not JSON")],
+)
+async def test_an_unreadable_line_is_refused_counting_blank_lines(
+    original: tuple[Path, list[Msg]], tmp_path: Path, junk: bytes, says: str
+) -> None:
+    lines = (await export_of(original[0])).splitlines(keepends=True)
+    lines[3:3] = [b"\n", b"  \n", junk + b"\n"]
+    target = tmp_path / "rebuilt.sqlite3"
+    with pytest.raises(archive.BadLine, match=f"^line 6: {says}"):
+        archive.import_export(lines, target)
+    assert not target.exists()
+
+
+async def test_blank_lines_are_ignored(original: tuple[Path, list[Msg]], tmp_path: Path) -> None:
+    exported = await export_of(original[0])
+    spaced = [x + b"\n\n" for x in exported.splitlines()]
+    archive.import_export(spaced, tmp_path / "rebuilt.sqlite3")
+    assert await export_of(tmp_path / "rebuilt.sqlite3") == exported
+
+
+async def test_import_refuses_a_target_that_is_not_new(
+    original: tuple[Path, list[Msg]], tmp_path: Path
+) -> None:
+    db, _ = original
+    exported = (await export_of(db)).splitlines()
+    before = db.read_bytes()
+    with pytest.raises(archive.ArchiveError, match="already exists and is not empty"):
+        archive.import_export(exported, db)
+    assert db.read_bytes() == before
+    empty = tmp_path / "empty.sqlite3"
+    empty.touch()
+    assert archive.import_export(exported, empty)["events"] == len(exported)
+
+
+def test_import_refuses_a_target_another_process_writes(tmp_path: Path) -> None:
+    target = tmp_path / "new.sqlite3"
+    lock = WriterLock.acquire(target)
+    try:
+        with pytest.raises(DatabaseLocked):
+            archive.import_export([], target)
+    finally:
+        lock.release()
+    assert not target.exists()
+
+
+async def test_an_empty_export_builds_an_empty_database(tmp_path: Path) -> None:
+    target = tmp_path / "new.sqlite3"
+    assert archive.import_export([], target) == {"events": 0, "snapshots": 0}
+    async with client_on(target, clock=TickClock()) as client:
+        assert (await client.ask_one(create_area()))["event_id"] == 1
+
+
+async def test_backup_of_a_database_being_written_is_consistent_and_verifies(
+    original: tuple[Path, list[Msg]], tmp_path: Path
+) -> None:
+    db, _ = original
+    copy = tmp_path / "copy.sqlite3"
+    async with worker_on(db, clock=TickClock()) as worker, await worker.connect() as stream:
+        feeding = [register(f"Z{chr(65 + i)}", id=f"live-{i}") for i in range(26)]
+        await stream.send(b"".join(msgspec.json.encode(m) + b"\n" for m in feeding))
+        counts = await anyio.to_thread.run_sync(archive.backup, db, copy)
+        await stream.send_eof()
+        while await _receive_or_none(stream):
+            pass
+    assert archive.verify_connection(sqlite3.connect(copy)) == counts
+    full = (await export_of(db)).splitlines(keepends=True)
+    assert await export_of(copy) == b"".join(full[: counts["events"]])
+    assert hidden_files(tmp_path) == []
+
+
+def hidden_files(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir() if p.name.startswith("."))
+
+
+async def _receive_or_none(stream: Any) -> bytes | None:
+    try:
+        data: bytes = await stream.receive()
+    except anyio.EndOfStream:
+        return None
+    return data
+
+
+def test_backup_refuses_bad_paths(tmp_path: Path) -> None:
+    with pytest.raises(archive.ArchiveError, match="no database"):
+        archive.backup(tmp_path / "missing.sqlite3", tmp_path / "copy.sqlite3")
+    db = tmp_path / "db.sqlite3"
+    db.write_bytes(b"")
+    with pytest.raises(archive.ArchiveError, match="must not be the database itself"):
+        archive.backup(db, tmp_path / "." / "db.sqlite3")

@@ -20,12 +20,13 @@ Initials = Annotated[str, Meta(pattern=r"^[A-Z]{2}$")]
 UserName = Annotated[str, Meta(min_length=1, max_length=100)]
 UserType = Literal["CPC", "CPC-IT", "Dev-D", "Dev-R"]
 Crew = Annotated[int, Meta(ge=1, le=7)]
-RoundNumber = Annotated[int, Meta(ge=1)]
+MAX_INT = 2**63 - 1  # SQLite INTEGER
+RoundNumber = Annotated[int, Meta(ge=1, le=MAX_INT)]
 MaxPerDay = Annotated[int, Meta(ge=1, le=1000)]
 Days = Annotated[tuple[dt.date, ...], Meta(min_length=1, max_length=60)]
 Label = Annotated[str, Meta(max_length=100)]
-EventId = Annotated[int, Meta(ge=1)]
-Seq = Annotated[int, Meta(ge=0)]
+EventId = Annotated[int, Meta(ge=1, le=MAX_INT)]
+Seq = Annotated[int, Meta(ge=0, le=MAX_INT)]
 Text = Annotated[str, Meta(max_length=10000)]
 Role = Literal["admin", "bidder", "system"]
 Timestamp = Annotated[dt.datetime, Meta(tz=True)]
@@ -52,7 +53,7 @@ class Seniority(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     natca_bu_date: dt.date
     eod_faa_date: dt.date
     service_computation_date: dt.date
-    lottery_value: Annotated[int, Meta(ge=0)] | None
+    lottery_value: Annotated[int, Meta(ge=0, le=MAX_INT)] | None
 
 
 class Message(
@@ -150,7 +151,7 @@ class GetState(BaseQuery, frozen=True, kw_only=True, tag="get_state"):
 
     bid_year: BidYear
     area: AreaName
-    at_event: Annotated[int, Meta(ge=0)] | None = None
+    at_event: Annotated[int, Meta(ge=0, le=MAX_INT)] | None = None
     at_time: Timestamp | None = None
 
 
@@ -159,7 +160,7 @@ class Timeline(BaseQuery, frozen=True, kw_only=True, tag="timeline"):
 
     bid_year: BidYear
     area: AreaName
-    after_event: Annotated[int, Meta(ge=0)] = 0
+    after_event: Annotated[int, Meta(ge=0, le=MAX_INT)] = 0
     limit: Annotated[int, Meta(ge=1, le=10000)] = 1000
 
 

@@ -19,7 +19,7 @@ from typing import Any
 import anyio
 
 from adapters import codec
-from adapters.transports import StdioStream, bind_unix
+from adapters.transports import StdioStream, TransportError, UnixListener, bind_unix
 from domain.errors import DomainError
 from domain.state import render
 from worker import logs
@@ -134,33 +134,50 @@ def settings_from(args: argparse.Namespace) -> Settings:
 
 
 async def run_serve(args: argparse.Namespace) -> int:
-    async with serving(settings_from(args)) as worker, anyio.create_task_group() as tg:
-        tg.start_soon(_stop_on_signal, worker, tg.cancel_scope)
-        if args.socket:
-            await _serve_socket(worker, args.socket)
-        else:
-            await worker.serve(StdioStream())
-        tg.cancel_scope.cancel()
+    if not args.socket:
+        async with serving(settings_from(args)) as worker:
+            await _until_done(worker, worker.serve(StdioStream()))
+        return 0
+    # Bind before opening the database: a live socket means another worker is serving,
+    # and the process umask is narrowed only while nothing else creates files.
+    listener = await _bind(args.socket)
+    async with listener, serving(settings_from(args)) as worker:
+        log.info("listening", extra={"socket": args.socket})
+        await _until_done(worker, _accept(listener, worker))
     return 0
 
 
-async def _stop_on_signal(worker: Worker, scope: anyio.CancelScope) -> None:
-    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async for signum in signals:
-            log.info("stopping on %s", signal.Signals(signum).name)
-            worker.stop_reading()
-            return
+async def _until_done(worker: Worker, serving: Awaitable[None]) -> None:
+    """Run ``serving``; SIGINT or SIGTERM stop the worker's readers (what was read is
+    still committed and answered)."""
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(_stop_on_signal, worker)
+        await serving
+        tg.cancel_scope.cancel()
 
 
-async def _serve_socket(worker: Worker, path: str) -> None:
-    listener = await bind_unix(path)
-    log.info("listening", extra={"socket": path})
-    async with listener, anyio.create_task_group() as tg:
+async def _bind(path: str) -> UnixListener:
+    try:
+        return await bind_unix(path)
+    except (TransportError, OSError) as exc:
+        raise FatalError(f"cannot listen on {path}: {exc}") from exc
+
+
+async def _accept(listener: UnixListener, worker: Worker) -> None:
+    async with anyio.create_task_group() as tg:
         # Connections live in the worker's task group: cancelling the accept loop
         # must not cut off replies still owed to connected clients.
         tg.start_soon(listener.serve, worker.serve, worker.task_group)
         await worker.stopped.wait()
         tg.cancel_scope.cancel()
+
+
+async def _stop_on_signal(worker: Worker) -> None:
+    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for signum in signals:
+            log.info("stopping on %s", signal.Signals(signum).name)
+            worker.stop_reading()
+            return
 
 
 async def run_state(args: argparse.Namespace) -> int:

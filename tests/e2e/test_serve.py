@@ -202,3 +202,18 @@ def test_sigterm_answers_what_was_read_then_exits_0(tmp_path: Path, sockdir: Pat
     assert all(r["ok"] for r in got)
     state = bidlog("state", "--bid-year", "2026", "--area", "North", "--db", db)
     assert len(replies(state.stdout)[0]["users"]) == 26
+
+
+def test_socket_in_use_or_unusable_path_exits_1(tmp_path: Path, sockdir: Path) -> None:
+    sock = sockdir / "s"
+    proc = start_socket_worker(tmp_path / "a.sqlite3", sock)
+    try:
+        other = bidlog("serve", "--socket", sock, "--db", tmp_path / "b.sqlite3")
+        assert other.returncode == 1
+        assert b"cannot listen" in other.stderr and b"Traceback" not in other.stderr
+        assert sock.exists()  # the live worker's socket is left alone
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0
+    missing = bidlog("serve", "--socket", sockdir / "no" / "s", "--db", tmp_path / "c.sqlite3")
+    assert missing.returncode == 1 and b"Traceback" not in missing.stderr

@@ -142,9 +142,9 @@ def _read_owner(fd: int) -> str:
 def prepare_writer(conn: sqlite3.Connection, path: Path, synchronous: Synchronous) -> None:
     """Settings of the writing connection; create the schema in a new database."""
     conn.execute("PRAGMA busy_timeout = 5000")
+    version = _user_version(conn, path)
     conn.execute("PRAGMA journal_mode = WAL")
     conn.execute(f"PRAGMA synchronous = {'FULL' if synchronous == 'full' else 'NORMAL'}")
-    version = _user_version(conn, path)
     if version == 0:
         _require_empty(conn, path)
         _create_schema(conn)

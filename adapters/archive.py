@@ -51,6 +51,7 @@ __all__ = [
     "export_lines",
     "import_export",
     "publish",
+    "refuse_overwrite",
     "temporary_beside",
     "verify_connection",
 ]
@@ -110,6 +111,8 @@ def import_export(lines: Iterable[bytes], target: Path) -> dict[str, int]:
     raises ``BadLine`` naming the first line that is not a faithful continuation of the
     log. Nothing is left at ``target`` unless the whole file checked out.
     """
+    if not target.parent.is_dir():
+        raise ArchiveError(f"cannot create {target}: no directory {target.parent}")
     lock = WriterLock.acquire(target)
     try:
         _require_new(target)
@@ -263,8 +266,7 @@ def backup(db: Path, out: Path) -> dict[str, int]:
     then rename it into place. Returns the copy's ``{events, snapshots}``."""
     if not db.is_file():
         raise ArchiveError(f"no database at {db}")
-    if out.exists() and out.resolve() == db.resolve():
-        raise ArchiveError("--out must not be the database itself")
+    refuse_overwrite(db, out)
     with temporary_beside(out) as tmp:
         source = sqlite3.connect(_read_only_uri(db), uri=True, isolation_level=None)
         try:
@@ -286,6 +288,15 @@ def _copy(source: sqlite3.Connection, tmp: Path, out: Path, db: Path) -> dict[st
         return verify_connection(copy, f"the copy of {db} (run bidlog verify on it)")
     finally:
         copy.close()
+
+
+def refuse_overwrite(db: Path, out: Path) -> None:
+    """Refuse an output path that is the database or one of SQLite's files beside it."""
+    if not out.parent.is_dir():
+        raise ArchiveError(f"cannot write {out}: no directory {out.parent}")
+    taken = {db.resolve().with_name(db.name + suffix) for suffix in ("", "-wal", "-shm")}
+    if out.resolve() in taken:
+        raise ArchiveError(f"{out} is the database itself (or its journal); choose another file")
 
 
 def verify_connection(conn: sqlite3.Connection, what: str = "the new database") -> dict[str, int]:

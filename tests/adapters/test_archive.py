@@ -352,10 +352,15 @@ async def _receive_or_none(stream: Any) -> bytes | None:
     return data
 
 
-def test_backup_refuses_bad_paths(tmp_path: Path) -> None:
+def test_backup_and_import_refuse_bad_paths(tmp_path: Path) -> None:
     with pytest.raises(archive.ArchiveError, match="no database"):
         archive.backup(tmp_path / "missing.sqlite3", tmp_path / "copy.sqlite3")
     db = tmp_path / "db.sqlite3"
     db.write_bytes(b"")
-    with pytest.raises(archive.ArchiveError, match="must not be the database itself"):
-        archive.backup(db, tmp_path / "." / "db.sqlite3")
+    for out in (tmp_path / "." / "db.sqlite3", tmp_path / "db.sqlite3-wal"):
+        with pytest.raises(archive.ArchiveError, match="is the database itself"):
+            archive.backup(db, out)
+    with pytest.raises(archive.ArchiveError, match="no directory"):
+        archive.backup(db, tmp_path / "nowhere" / "copy.sqlite3")
+    with pytest.raises(archive.ArchiveError, match="no directory"):
+        archive.import_export([], tmp_path / "nowhere" / "new.sqlite3")

@@ -1,0 +1,339 @@
+"""The operator commands as an operator runs them: replay, export, import, verify, backup."""
+
+from __future__ import annotations
+
+import itertools
+import signal
+import sqlite3
+import string
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+
+from tests.e2e.proc import BIN, SocketClient, bidlog, replies, start_socket_worker
+from tests.wire import EXAMPLE, bid, create_area, line, open_round, register
+
+INITIALS = ["".join(p) for p in itertools.product(string.ascii_uppercase, repeat=2)]
+
+
+@pytest.fixture
+def sockdir() -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="bl"))  # AF_UNIX paths are short
+    yield path
+    for child in path.iterdir():
+        child.unlink()
+    path.rmdir()
+
+
+@pytest.fixture
+def example_db(tmp_path: Path) -> Path:
+    db = tmp_path / "example.sqlite3"
+    assert bidlog("replay", EXAMPLE, "--db", db).returncode == 0
+    return db
+
+
+def summary(done: subprocess.CompletedProcess[bytes]) -> dict[str, Any]:
+    assert b"Traceback" not in done.stderr, done.stderr.decode()
+    result: dict[str, Any] = msgspec.json.decode(done.stdout)
+    return result
+
+
+def sql(db: Path, query: str) -> list[tuple[Any, ...]]:
+    conn = sqlite3.connect(db)
+    try:
+        return conn.execute(query).fetchall()
+    finally:
+        conn.close()
+
+
+def fails_cleanly(done: subprocess.CompletedProcess[bytes], says: str) -> None:
+    assert done.returncode == 1, done.stderr
+    err = done.stderr.decode()
+    assert "Traceback" not in err
+    assert says in err, err
+
+
+def many_commands(count: int) -> bytes:
+    """``count`` command lines: an area, users, a round, then bids (all succeed)."""
+    users = INITIALS[:50]
+    head = [create_area(id="c"), *(register(i, id=f"r-{i}") for i in users)]
+    head.append(open_round(1, max_per_day=1000, id="o"))
+    bids = (
+        bid(users[n % 50], [f"2026-07-{1 + n % 28:02d}"], id=f"b-{n}")
+        for n in range(count - len(head))
+    )
+    return b"".join(line(m) for m in [*head, *bids])
+
+
+# -- replay ----------------------------------------------------------------------------
+
+
+def test_replay_into_a_database_then_again_gives_only_duplicates(tmp_path: Path) -> None:
+    db = tmp_path / "b.sqlite3"
+    first = bidlog("replay", EXAMPLE, "--db", db)
+    assert first.returncode == 0
+    assert summary(first) == {"lines": 15, "ok": 15, "duplicate": 0, "failed": 0, "failures": []}
+    assert b"15 lines: 15 ok, 0 duplicate, 0 failed" in first.stderr
+    again = summary(bidlog("replay", EXAMPLE, "--db", db))
+    assert (again["ok"], again["duplicate"], again["failed"]) == (4, 11, 0)  # 4 queries
+    assert sql(db, "SELECT count(*) FROM events") == [(11,)]
+
+
+def test_replay_names_failures_by_file_and_line_and_exits_1(tmp_path: Path) -> None:
+    db = tmp_path / "b.sqlite3"
+    feed = tmp_path / "feed.ndjson"
+    feed.write_bytes(
+        line(create_area(id="a1"))
+        + b"\n   \n"
+        + b"{not json\n"
+        + line(create_area(id="a2"))
+        + line(register("AB", id="u1"))
+        + line(register("AB", id="u2"))
+        + line(register("CD", area="Nowhere", id="u3"))
+    )
+    done = bidlog("replay", feed, "--db", db)
+    assert done.returncode == 1
+    result = summary(done)
+    assert (result["lines"], result["ok"], result["failed"]) == (6, 2, 4)
+    where = [(f["file"], f["line"], f["id"], f["code"]) for f in result["failures"]]
+    assert where == [
+        (str(feed), 4, None, "malformed_json"),
+        (str(feed), 5, "a2", "area_exists"),
+        (str(feed), 7, "u2", "duplicate_initials"),
+        (str(feed), 8, "u3", "unknown_area"),
+    ]
+    assert f"{feed}:7: id u2: duplicate_initials:".encode() in done.stderr
+
+
+def test_replay_reads_several_files_and_stdin_in_order(tmp_path: Path) -> None:
+    db = tmp_path / "b.sqlite3"
+    first, last = tmp_path / "1.ndjson", tmp_path / "3.ndjson"
+    first.write_bytes(line(create_area(id="c")))
+    last.write_bytes(line(register("EF", id="r3")))
+    middle = line(register("AB", id="r2")) + line(register("AB", id="r2b"))
+    done = bidlog("replay", first, "-", last, "--db", db, stdin=middle)
+    result = summary(done)
+    assert (result["ok"], result["failed"]) == (3, 1)
+    assert result["failures"][0]["file"] == "<stdin>"
+    assert result["failures"][0]["line"] == 2
+
+
+def test_replay_into_a_running_worker_and_a_second_writer_is_refused(
+    tmp_path: Path, sockdir: Path
+) -> None:
+    db, sock = tmp_path / "b.sqlite3", sockdir / "s"
+    proc = start_socket_worker(db, sock)
+    try:
+        done = bidlog("replay", EXAMPLE, "--socket", sock)
+        assert done.returncode == 0, done.stderr
+        assert summary(done)["ok"] == 15
+        assert summary(bidlog("replay", EXAMPLE, "--socket", sock))["duplicate"] == 11
+        fails_cleanly(bidlog("replay", EXAMPLE, "--db", db), "in use by another bidlog process")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0
+
+
+@pytest.mark.parametrize(
+    ("args", "status", "says"),
+    [
+        (["replay", "missing.ndjson"], 1, "cannot read missing.ndjson: No such file"),
+        (["replay", "."], 1, "cannot read .: it is a directory"),
+        (["replay", "-", "--socket", "nosock"], 1, "cannot connect to nosock"),
+        (["replay", "-", "--socket", "s", "--db", "x.sqlite3"], 2, "not both"),
+        (["replay"], 2, "required: FILE"),
+        (["export", "--db", "missing.sqlite3"], 1, "no database at missing.sqlite3"),
+        (["verify", "--db", "missing.sqlite3"], 1, "no database at missing.sqlite3"),
+        (["backup", "--db", "missing.sqlite3", "--out", "c"], 1, "no database at missing"),
+        (["backup", "--db", "x"], 2, "--out"),
+        (["export", "--db", "x.sqlite3", "--out", "./x.sqlite3"], 1, "is the database itself"),
+        (["export", "--db", "x.sqlite3", "--out", "no/x"], 1, "no directory no"),
+        (["import", "missing.ndjson", "--db", "n.sqlite3"], 1, "missing.ndjson: No such file"),
+        (["import", "--db", "n.sqlite3"], 2, "FILE"),
+    ],
+)
+def test_bad_input_gets_one_clear_line_and_no_traceback(
+    tmp_path: Path, args: list[str], status: int, says: str
+) -> None:
+    done = subprocess.run(
+        [str(BIN), *args], cwd=tmp_path, capture_output=True, timeout=60, check=False
+    )
+    assert done.returncode == status, done.stderr
+    assert "Traceback" not in done.stderr.decode()
+    assert says in done.stderr.decode()
+    assert not (tmp_path / "n.sqlite3").exists()
+
+
+def test_replay_interrupted_then_rerun_applies_everything_exactly_once(tmp_path: Path) -> None:
+    db, feed = tmp_path / "b.sqlite3", tmp_path / "feed.ndjson"
+    total = 6000
+    feed.write_bytes(many_commands(total))
+    proc = subprocess.Popen(
+        [str(BIN), "replay", str(feed), "--db", str(db)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    while proc.poll() is None and _events(db) < 200:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(10)
+    done = bidlog("replay", feed, "--db", db)
+    result = summary(done)
+    assert done.returncode == 0
+    assert result["ok"] + result["duplicate"] == total
+    assert result["duplicate"] >= 200
+    assert sql(
+        db, "SELECT count(*), count(DISTINCT message_id) FROM events WHERE message_id IS NOT NULL"
+    ) == [(total, total)]
+    assert bidlog("verify", "--db", db).returncode == 0
+
+
+def _events(db: Path) -> int:
+    """Events committed so far, read without ever creating the file."""
+    if not db.exists():
+        return 0
+    try:
+        conn = sqlite3.connect(db.as_uri() + "?mode=ro", uri=True)
+        try:
+            return int(conn.execute("SELECT count(*) FROM events").fetchone()[0])
+        finally:
+            conn.close()
+    except sqlite3.Error:  # schema not there yet
+        return 0
+
+
+# -- export / import -------------------------------------------------------------------
+
+
+def test_export_import_round_trip(example_db: Path, tmp_path: Path) -> None:
+    exported = bidlog("export", "--db", example_db)
+    assert exported.returncode == 0
+    lines = replies(exported.stdout)
+    assert [e["event_id"] for e in lines] == list(range(1, 12))
+    assert [e["event_id"] for e in lines if "state" in e] == [9, 10, 11]
+    out = tmp_path / "log.ndjson"
+    assert bidlog("export", "--db", example_db, "--out", out).returncode == 0
+    assert out.read_bytes() == exported.stdout
+
+    rebuilt = tmp_path / "rebuilt.sqlite3"
+    done = bidlog("import", out, "--db", rebuilt)
+    assert done.returncode == 0, done.stderr
+    assert summary(done) == {"events": 11, "snapshots": 3}
+    assert summary(bidlog("verify", "--db", rebuilt)) == {"events": 11, "snapshots": 3}
+    assert bidlog("export", "--db", rebuilt).stdout == exported.stdout
+    again = summary(bidlog("replay", EXAMPLE, "--db", rebuilt))
+    assert (again["ok"], again["duplicate"]) == (4, 11)
+
+    fails_cleanly(bidlog("import", out, "--db", rebuilt), "already exists and is not empty")
+    from_stdin = tmp_path / "stdin.sqlite3"
+    assert bidlog("import", "-", "--db", from_stdin, stdin=exported.stdout).returncode == 0
+
+
+@pytest.mark.parametrize(
+    ("spoil", "says"),
+    [
+        (lambda ls: [*ls[:3], ls[3].replace(b"Carl", b"Karl"), *ls[4:]], "line 4: event 4: hash"),
+        (lambda ls: ls[:4] + ls[5:], "line 5: event id 6 where 5 was expected"),
+        (lambda ls: [*ls[:6], b"{not json", *ls[6:]], "line 7: not JSON"),
+    ],
+)
+def test_import_refuses_a_spoiled_export_and_leaves_nothing(
+    example_db: Path, tmp_path: Path, spoil: Any, says: str
+) -> None:
+    lines = bidlog("export", "--db", example_db).stdout.splitlines()
+    bad = tmp_path / "bad.ndjson"
+    bad.write_bytes(b"\n".join(spoil(lines)) + b"\n")
+    target = tmp_path / "new" / "rebuilt.sqlite3"
+    target.parent.mkdir()
+    fails_cleanly(bidlog("import", bad, "--db", target), f"{bad}: {says}")
+    assert [p.name for p in target.parent.iterdir()] == ["rebuilt.sqlite3.lock"]
+
+
+# -- verify ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("tamper", "bad_event"),
+    [
+        ('UPDATE events SET cause = \'{"description":"x","id":"y"}\' WHERE event_id = 5', 5),
+        ("UPDATE events SET recorded_at = '2030-01-01T00:00:00.000000Z' WHERE event_id = 11", 11),
+        ("UPDATE snapshots SET state = replace(state, '\"AB\"', '\"ZZ\"') WHERE event_id = 10", 10),
+        ("DELETE FROM snapshots WHERE event_id = 9", 9),
+        ("DELETE FROM events WHERE event_id = 7", 7),
+    ],
+)
+def test_verify_catches_tampering_behind_the_stores_back(
+    example_db: Path, tamper: str, bad_event: int
+) -> None:
+    assert summary(bidlog("verify", "--db", example_db)) == {"events": 11, "snapshots": 3}
+    conn = sqlite3.connect(example_db)
+    for (name,) in conn.execute("SELECT name FROM sqlite_schema WHERE type = 'trigger'"):
+        conn.execute(f"DROP TRIGGER {name}")
+    assert conn.execute(tamper).rowcount == 1
+    conn.commit()
+    conn.close()
+    done = bidlog("verify", "--db", example_db)
+    fails_cleanly(done, f"(first bad event: {bad_event})")
+    assert done.stderr.startswith(b"bidlog: integrity_error: ")
+    error = summary(done)
+    assert error["code"] == "integrity_error"
+    assert error["details"]["event_id"] == bad_event
+
+
+# -- reading while a worker serves -----------------------------------------------------
+
+
+def test_backup_export_and_verify_while_a_worker_serves_and_writes(
+    tmp_path: Path, sockdir: Path
+) -> None:
+    db, sock = tmp_path / "b.sqlite3", sockdir / "s"
+    proc = start_socket_worker(db, sock)
+    stop = threading.Event()
+    acked: list[int] = []
+
+    def write_forever() -> None:
+        client = SocketClient(sock)
+        client.ask([line(create_area(id="c"))])
+        client.ask([line(register(i, id=f"r-{i}")) for i in INITIALS[:20]])
+        client.ask([line(open_round(1, max_per_day=1000, id="o"))])
+        for n in itertools.count():
+            if stop.is_set():
+                break
+            got = client.ask([line(bid("AB", [f"2026-07-{1 + n % 28:02d}"], id=f"b{n}"))])
+            acked.append(got[0]["event_id"])
+        client.close()
+
+    writer = threading.Thread(target=write_forever)
+    writer.start()
+    try:
+        while len(acked) < 50:
+            time.sleep(0.01)
+        before = len(acked)
+        copy = tmp_path / "copy.sqlite3"
+        backed = bidlog("backup", "--db", db, "--out", copy)
+        exported = bidlog("export", "--db", db)
+        verified = bidlog("verify", "--db", db)
+        after = len(acked)
+    finally:
+        stop.set()
+        writer.join(20)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0
+    assert backed.returncode == 0, backed.stderr
+    assert exported.returncode == 0 and verified.returncode == 0
+    counts = summary(backed)
+    assert after > before  # the worker kept writing while they read
+    assert acked[before - 1] <= counts["events"] <= acked[after - 1]
+    assert counts["out"] == str(copy)
+    assert summary(bidlog("verify", "--db", copy))["events"] == counts["events"]
+    final = bidlog("export", "--db", db).stdout.splitlines(keepends=True)
+    assert bidlog("export", "--db", copy).stdout == b"".join(final[: counts["events"]])
+    assert exported.stdout == b"".join(final[: len(exported.stdout.splitlines())])
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]

@@ -1,0 +1,267 @@
+"""``bidlog replay``: feed message files into a worker over one connection, pipelined,
+and tally the replies (ok, duplicate, failed, with where each failure came from).
+
+At most ``window`` lines are in flight: a line is sent only when a slot is free, and
+each reply frees one. Replies come back in input order (one connection), so a queue of
+``(file, line)`` pairs tells which line each reply answers. Blank lines get no reply
+from the worker, so they are never sent.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import sys
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TextIO
+
+import anyio
+import anyio.abc
+import msgspec
+
+from adapters.transports import StdioStream, TooLarge, frame_lines
+
+WINDOW = 1000
+SHOWN = 10
+"""How many failures the summary lists (the counts cover all of them)."""
+_SEND_SIZE = 1 << 16
+_REPLY_LIMIT = 1 << 30  # replies to queries (a timeline page) may exceed the 1 MiB input limit
+_decode_reply = msgspec.json.Decoder()
+
+
+class ReplayError(Exception):
+    """A replay cannot start or cannot finish: an unreadable file, a lost connection."""
+
+
+@dataclass(frozen=True)
+class Source:
+    """An opened message file (``-`` is stdin); ``size`` is known for regular files."""
+
+    name: str
+    fd: int
+    size: int | None
+
+    @classmethod
+    def open(cls, name: str) -> Source:
+        try:
+            fd = 0 if name == "-" else os.open(name, os.O_RDONLY)
+            mode = os.fstat(fd).st_mode
+        except OSError as exc:
+            raise ReplayError(f"cannot read {name}: {exc.strerror}") from None
+        if stat.S_ISDIR(mode):
+            os.close(fd)
+            raise ReplayError(f"cannot read {name}: it is a directory")
+        size = os.fstat(fd).st_size if stat.S_ISREG(mode) else None
+        return cls("<stdin>" if name == "-" else name, fd, size)
+
+    def close(self) -> None:
+        if self.fd != 0:
+            os.close(self.fd)
+
+
+async def numbered_lines(source: Source) -> AsyncIterator[tuple[int, bytes]]:
+    """``(line number, line)`` for every non-blank line, without its newline."""
+    # StdioStream only reads here: pipes and ttys through the selector, files in a thread.
+    stream = StdioStream(stdin=source.fd)
+    pending = b""
+    number = 0
+    while True:
+        try:
+            chunk = await stream.receive()
+        except anyio.EndOfStream:
+            break
+        except anyio.BrokenResourceError as exc:
+            raise ReplayError(f"cannot read {source.name}: {exc}") from None
+        *lines, pending = (pending + chunk).split(b"\n")
+        for line in lines:
+            number += 1
+            if line.strip():
+                yield number, line
+    if pending.strip():
+        yield number + 1, pending
+
+
+@dataclass
+class Tally:
+    """What the replies said, and where the first few failures came from."""
+
+    ok: int = 0
+    duplicate: int = 0
+    failed: int = 0
+    failures: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def lines(self) -> int:
+        return self.ok + self.duplicate + self.failed
+
+    def count(self, name: str, number: int, reply: Any) -> None:
+        if isinstance(reply, dict) and reply.get("ok") is True:
+            if reply.get("duplicate"):
+                self.duplicate += 1
+            else:
+                self.ok += 1
+            return
+        self.failed += 1
+        if len(self.failures) < SHOWN:
+            self.failures.append(_failure(name, number, reply))
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "lines": self.lines,
+            "ok": self.ok,
+            "duplicate": self.duplicate,
+            "failed": self.failed,
+            "failures": self.failures,
+        }
+
+    def describe(self, seconds: float) -> list[str]:
+        rate = self.lines / seconds if seconds > 0 else 0.0
+        head = (
+            f"{self.lines} lines: {self.ok} ok, {self.duplicate} duplicate, "
+            f"{self.failed} failed ({seconds:.1f} s, {rate:,.0f} lines/s)"
+        )
+        shown = [
+            f"  {f['file']}:{f['line']}: id {f['id'] or '-'}: {f['code']}: {f['message']}"
+            for f in self.failures
+        ]
+        if self.failed > len(self.failures):
+            shown.append(f"  ... and {self.failed - len(self.failures)} more failures")
+        return [head, *shown]
+
+
+def _failure(name: str, number: int, reply: Any) -> dict[str, Any]:
+    error = reply.get("error") if isinstance(reply, dict) else None
+    if not isinstance(error, dict):
+        error = {"code": "bad_reply", "message": f"unexpected reply {reply!r:.200}"}
+    return {
+        "file": name,
+        "line": number,
+        "id": reply.get("id") if isinstance(reply, dict) else None,
+        "code": error.get("code"),
+        "message": error.get("message"),
+    }
+
+
+class Replay:
+    """One run: send every line of ``sources``, read every reply, keep the tally."""
+
+    def __init__(self, sources: Sequence[Source], *, window: int = WINDOW) -> None:
+        self.sources = sources
+        self.tally = Tally()
+        self.error: str | None = None
+        self._slots = anyio.Semaphore(window)
+        self._waiting: deque[tuple[str, int, int]] = deque()
+        self._sent_all = False
+        self.started = time.monotonic()
+        self.answered_bytes = 0
+
+    @property
+    def total_bytes(self) -> int | None:
+        sizes = [s.size for s in self.sources]
+        return None if None in sizes else sum(s for s in sizes if s is not None)
+
+    async def run(self, stream: anyio.abc.ByteStream, progress: TextIO | None = None) -> Tally:
+        """Feed ``stream`` and read its replies until both ends are done."""
+        self.started = time.monotonic()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._send_guarded, stream, tg.cancel_scope)
+            if progress is not None:
+                tg.start_soon(self._show_progress, progress)
+            await self._receive(stream)
+            tg.cancel_scope.cancel()  # the sender is done unless the connection ended early
+        if progress is not None:
+            progress.write("\r\x1b[K")
+        if self.error is None and (self._waiting or not self._sent_all):
+            self.error = (
+                f"the worker ended the connection with {len(self._waiting)} lines unanswered"
+            )
+        return self.tally
+
+    async def _send_guarded(self, stream: anyio.abc.ByteStream, scope: anyio.CancelScope) -> None:
+        try:
+            await self._send_all(stream)
+        except ReplayError as exc:
+            self.error = str(exc)
+            scope.cancel()
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
+            self.error = f"lost the connection to the worker: {exc or type(exc).__name__}"
+            scope.cancel()
+
+    async def _send_all(self, stream: anyio.abc.ByteStream) -> None:
+        out = bytearray()
+        for source in self.sources:
+            async for number, line in numbered_lines(source):
+                try:
+                    self._slots.acquire_nowait()
+                except anyio.WouldBlock:
+                    await _flush(stream, out)  # what is buffered must go, or no slot frees
+                    await self._slots.acquire()
+                self._waiting.append((source.name, number, len(line) + 1))
+                out += line + b"\n"
+                if len(out) >= _SEND_SIZE:
+                    await _flush(stream, out)
+        await _flush(stream, out)
+        self._sent_all = True
+        await stream.send_eof()
+
+    async def _receive(self, stream: anyio.abc.ByteStream) -> None:
+        try:
+            async for frame in frame_lines(stream, limit=_REPLY_LIMIT):
+                if not self._waiting:
+                    self.error = "the worker sent a reply to a line that was not sent"
+                    return
+                name, number, size = self._waiting.popleft()
+                self._slots.release()
+                self.answered_bytes += size
+                self.tally.count(name, number, _decode(frame))
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
+            self.error = self.error or f"lost the connection to the worker: {exc}"
+
+    async def _show_progress(self, out: TextIO) -> None:
+        while True:
+            await anyio.sleep(0.25)
+            out.write("\r\x1b[K" + self.progress_line())
+            out.flush()
+
+    def progress_line(self) -> str:
+        seconds = max(time.monotonic() - self.started, 1e-9)
+        text = f"{self.tally.lines:,} lines, {self.tally.lines / seconds:,.0f}/s"
+        total = self.total_bytes
+        if total and self.answered_bytes:
+            done = min(self.answered_bytes / total, 1.0)
+            eta = seconds * (1 - done) / done
+            text += f", {done:.0%}, ETA {eta:,.0f} s"
+        return text
+
+
+async def _flush(stream: anyio.abc.ByteStream, out: bytearray) -> None:
+    if out:
+        data = bytes(out)
+        out.clear()
+        await stream.send(data)
+
+
+def _decode(frame: bytes | TooLarge) -> Any:
+    if isinstance(frame, TooLarge):
+        return None
+    try:
+        return _decode_reply.decode(frame)
+    except msgspec.DecodeError:
+        return None
+
+
+def report(replay: Replay, *, stdout: TextIO | None = None, stderr: TextIO | None = None) -> int:
+    """Print the summary (JSON on stdout, text on stderr); the exit status."""
+    stdout = stdout or sys.stdout
+    stderr = stderr or sys.stderr
+    tally = replay.tally
+    stdout.write(msgspec.json.encode(tally.summary()).decode() + "\n")
+    stdout.flush()
+    for text in tally.describe(time.monotonic() - replay.started):
+        print(f"bidlog replay: {text}" if not text.startswith(" ") else text, file=stderr)
+    if replay.error is not None:
+        print(f"bidlog replay: {replay.error}", file=stderr)
+    return 1 if tally.failed or replay.error is not None else 0

@@ -1,0 +1,238 @@
+"""Operator commands: ``replay``, ``export``, ``import``, ``verify``, ``backup``.
+
+Argument wiring and thin handlers; the work is in ``worker.replay`` and
+``adapters.archive``. Every handler returns the exit status: 0 done, 1 failed (with a
+one-line ``bidlog: ...`` message on stderr), 2 bad usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sqlite3
+import sys
+from pathlib import Path
+from typing import IO, Any
+
+import anyio
+import msgspec
+
+from adapters import archive
+from adapters.sqlite_schema import StoreError
+from domain.errors import IntegrityError
+from worker.bootstrap import Settings, open_store, serving
+from worker.replay import Replay, ReplayError, Source, report
+
+_REPLAY_HELP = """\
+Output: progress on stderr while it is a terminal; at the end a summary of the replies,
+as one JSON object on stdout ({"lines", "ok", "duplicate", "failed", "failures": the first
+10 with file, line, id, code, message}) and as text on stderr. Duplicates (commands
+already applied, e.g. by an interrupted earlier run) are not failures.
+Exit status: 0 if no line failed, 1 if any failed or the replay could not finish.
+"""
+
+
+def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
+    """Add the operator commands to the ``bidlog`` subparsers."""
+    _add_replay(sub, common)
+    export = sub.add_parser(
+        "export",
+        parents=[common],
+        help="write the audit log as NDJSON (reads only)",
+        description="Write every event in event_id order as canonical NDJSON, with the "
+        "full state on snapshot events: the file alone rebuilds the database. Reads "
+        "only; works while a worker serves.",
+    )
+    export.add_argument(
+        "--out", type=Path, metavar="FILE", help="write FILE (atomically) instead of stdout"
+    )
+    export.set_defaults(handler=run_export)
+    restore = sub.add_parser(
+        "import",
+        parents=[common],
+        help="rebuild a new database from an export",
+        description="Rebuild a new database (--db, which must not exist or be empty) from "
+        "an export file, keeping ids, times and hashes. Every line's hash chain and every "
+        "snapshot (recomputed by replay) is checked; a bad line is refused, naming it, "
+        "and no database is left behind. Prints {events, snapshots} on stdout.",
+    )
+    restore.add_argument("file", metavar="FILE", help="the export file ('-' for stdin)")
+    restore.set_defaults(handler=run_import)
+    verify = sub.add_parser(
+        "verify",
+        parents=[common],
+        help="check the hash chain and every snapshot",
+        description="Check the hash chain end to end and every snapshot by replay. Prints "
+        '{"events": n, "snapshots": m} and exits 0, or prints the integrity_error '
+        "(code, message, details naming the first bad event) on stdout, a one-line "
+        "message on stderr, and exits 1. Reads only.",
+    )
+    verify.set_defaults(handler=run_verify)
+    backup = sub.add_parser(
+        "backup",
+        parents=[common],
+        help="copy a live database consistently (online backup)",
+        description="Copy the database with SQLite's online backup API (a consistent "
+        "point, while a worker keeps serving), verify the copy, then rename it to FILE. "
+        "Prints the copy's {events, snapshots, out} on stdout.",
+    )
+    backup.add_argument("--out", type=Path, required=True, metavar="FILE", help="the copy")
+    backup.set_defaults(handler=run_backup)
+
+
+def _add_replay(sub: Any, common: argparse.ArgumentParser) -> None:
+    replay = sub.add_parser(
+        "replay",
+        parents=[common],
+        help="re-feed message files into a database or a running worker",
+        description="Send every line of the files (in order; '-' is stdin) as messages, "
+        "pipelined, to the database (--db: runs the worker in-process, taking the "
+        "database for writing) or to a running worker (--socket).",
+        epilog=_REPLAY_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    replay.add_argument("files", nargs="+", metavar="FILE", help="message file ('-': stdin)")
+    replay.add_argument("--socket", metavar="PATH", help="send to the worker serving PATH")
+    # The parent's --db default object: identity tells an explicit --db from the default.
+    replay.set_defaults(handler=run_replay, default_db=common.get_default("db"))
+
+
+def settings_of(args: argparse.Namespace) -> Settings:
+    return Settings(
+        db=args.db, synchronous=args.synchronous, checkpoint_every=args.checkpoint_every
+    )
+
+
+def _fail(message: str) -> int:
+    print(f"bidlog: {message}", file=sys.stderr)
+    return 1
+
+
+def _print_json(value: Any) -> None:
+    sys.stdout.write(msgspec.json.encode(value).decode() + "\n")
+    sys.stdout.flush()
+
+
+# -- replay ----------------------------------------------------------------------------
+
+
+async def run_replay(args: argparse.Namespace) -> int:
+    if args.socket is not None and args.db is not args.default_db:
+        print("bidlog replay: error: give --db or --socket, not both", file=sys.stderr)
+        return 2
+    sources: list[Source] = []
+    try:
+        for name in args.files:
+            sources.append(Source.open(name))
+        replay = Replay(sources)
+        await _feed(args, replay)
+    except ReplayError as exc:
+        return _fail(str(exc))
+    finally:
+        for source in sources:
+            source.close()
+    return report(replay)
+
+
+async def _feed(args: argparse.Namespace, replay: Replay) -> None:
+    progress = sys.stderr if sys.stderr.isatty() else None
+    if args.socket is None:
+        async with serving(settings_of(args)) as worker:
+            stream = await worker.connect()
+            async with stream:
+                await replay.run(stream, progress)
+        return
+    try:
+        sock = await anyio.connect_unix(args.socket)
+    except OSError as exc:
+        raise ReplayError(f"cannot connect to {args.socket}: {exc.strerror or exc}") from None
+    async with sock:
+        await replay.run(sock, progress)
+
+
+# -- export / import -------------------------------------------------------------------
+
+
+async def run_export(args: argparse.Namespace) -> int:
+    if args.out is not None:
+        try:
+            archive.refuse_overwrite(args.db, args.out)
+        except archive.ArchiveError as exc:
+            return _fail(f"export: {exc}")
+    store = await open_store(settings_of(args), writer=False)
+    try:
+        if args.out is None:
+            count = await _export(store, sys.stdout.buffer)
+        else:
+            with archive.temporary_beside(args.out) as tmp:
+                with tmp.open("wb") as out:
+                    count = await _export(store, out)
+                archive.publish(tmp, args.out)
+            print(f"bidlog: exported {count} events to {args.out}", file=sys.stderr)
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit
+        return _fail("export: the reader closed the output early")
+    except OSError as exc:
+        return _fail(f"export: cannot write {args.out}: {exc.strerror or exc}")
+    except (sqlite3.Error, StoreError) as exc:
+        return _fail(f"export: cannot read {args.db}: {exc}")
+    finally:
+        await store.close()
+    return 0
+
+
+async def _export(store: Any, out: IO[bytes]) -> int:
+    count = 0
+    async for line in archive.export_lines(store):
+        out.write(line)
+        count += 1
+    out.flush()
+    return count
+
+
+async def run_import(args: argparse.Namespace) -> int:
+    try:
+        counts = await anyio.to_thread.run_sync(_import, args.file, args.db)
+    except archive.BadLine as exc:
+        return _fail(f"import: {args.file}: {exc}; nothing was imported")
+    except (archive.ArchiveError, StoreError, sqlite3.Error) as exc:
+        return _fail(f"import: {exc}")
+    except OSError as exc:
+        return _fail(f"import: {exc.filename or args.file}: {exc.strerror or exc}")
+    _print_json(counts)
+    return 0
+
+
+def _import(name: str, target: Path) -> dict[str, int]:
+    if name == "-":
+        return archive.import_export(sys.stdin.buffer, target)
+    with open(name, "rb") as lines:
+        return archive.import_export(lines, target)
+
+
+# -- verify / backup -------------------------------------------------------------------
+
+
+async def run_verify(args: argparse.Namespace) -> int:
+    store = await open_store(settings_of(args), writer=False)
+    try:
+        counts = await store.verify()
+    except IntegrityError as exc:
+        _print_json({"code": exc.code, "message": exc.message, "details": exc.details})
+        first = exc.details.get("event_id")
+        return _fail(f"{exc.code}: {exc.message} (first bad event: {first})")
+    except (sqlite3.Error, StoreError) as exc:
+        return _fail(f"verify: cannot read {args.db}: {exc}")
+    finally:
+        await store.close()
+    _print_json(counts)
+    return 0
+
+
+async def run_backup(args: argparse.Namespace) -> int:
+    try:
+        counts = await anyio.to_thread.run_sync(archive.backup, args.db, args.out)
+    except (archive.ArchiveError, StoreError, OSError, sqlite3.Error) as exc:
+        return _fail(f"backup: {exc}")
+    _print_json({**counts, "out": str(args.out)})
+    return 0

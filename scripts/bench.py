@@ -1,0 +1,630 @@
+#!/usr/bin/env python3
+"""End-to-end benchmark of bidlog: prints figures, never asserts on time.
+
+Runs the installed ``bidlog`` (next to this Python, i.e. ``.venv/bin/bidlog``) with
+``synchronous=FULL`` on a fresh database for each measurement, and raw ``sqlite3`` in
+the same run as the baseline:
+
+- throughput through stdin, and through the Unix socket with 1, 4 and 16 pipelining
+  clients (each with a bounded window of lines in flight);
+- acknowledgement latency p50 / p99 at a fixed offered load (1,000 commands/s);
+- peak RSS of the worker, and RSS after 20,000 and 200,000 events with the same users;
+- raw sqlite3 in WAL with synchronous=FULL: per-row commits and 100-row batches of rows
+  the size of bidlog's stored ``submit_bid`` events.
+
+Usage: ``.venv/bin/python scripts/bench.py [--quick] [--dir DIR] [--seed N]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import random
+import selectors
+import shutil
+import socket
+import sqlite3
+import statistics
+import string
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+BIN = Path(sys.executable).parent / "bidlog"
+YEAR = 2026
+AREAS = ("North", "South", "East", "West")
+USERS_PER_AREA = 150
+MAX_PER_DAY = 1000  # > users per area: day_full never happens
+WINDOW = 500
+ADMIN = {"id": "bench-ops", "role": "admin"}
+BIDDER = {"id": "bench-desk", "role": "bidder"}
+CAUSE = {"id": "BENCH-1", "description": "benchmark"}
+INITIALS = [a + b for a in string.ascii_uppercase for b in string.ascii_uppercase]
+DAYS = [(dt.date(YEAR, 1, 1) + dt.timedelta(days=i)).isoformat() for i in range(365)]
+OK = b'"ok":true'
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """How much work each measurement does."""
+
+    stdin: int
+    socket: int
+    latency_seconds: float
+    memory: tuple[int, int]
+    raw_rows: int
+    raw_batched_rows: int
+
+
+FULL = Sizes(40_000, 40_000, 10.0, (20_000, 200_000), 2_000, 40_000)
+QUICK = Sizes(10_000, 10_000, 3.0, (5_000, 50_000), 500, 10_000)
+
+
+# ---------------------------------------------------------------- the command mix
+
+
+class Workload:
+    """Areas, users and an open round in each area, then bids by random users."""
+
+    def __init__(self, seed: int) -> None:
+        self.rng = random.Random(seed)
+        self.users = [
+            (area, INITIALS[a * USERS_PER_AREA + u])
+            for a, area in enumerate(AREAS)
+            for u in range(USERS_PER_AREA)
+        ]
+
+    def setup(self) -> list[bytes]:
+        lines = [_command("create_area", f"s-a{i}", area) for i, area in enumerate(AREAS)]
+        for area, initials in self.users:
+            lines.append(_register(area, initials))
+        for i, area in enumerate(AREAS):
+            lines.append(_command("open_round", f"s-o{i}", area, round=1, max_per_day=MAX_PER_DAY))
+        return lines
+
+    def bids(self, count: int, tag: str) -> list[bytes]:
+        """``count`` submit_bid lines with ids ``b-<tag>-<n>``: 1-5 random days each."""
+        out = []
+        for n in range(count):
+            area, initials = self.rng.choice(self.users)
+            days = sorted(self.rng.sample(DAYS, self.rng.randint(1, 5)))
+            out.append(
+                _command(
+                    "submit_bid",
+                    f"b-{tag}-{n}",
+                    area,
+                    actor=BIDDER,
+                    round=1,
+                    initials=initials,
+                    days=days,
+                )
+            )
+        return out
+
+
+MIX = (
+    f"{len(AREAS)} create_area, {len(AREAS) * USERS_PER_AREA} register_user, "
+    f"{len(AREAS)} open_round (max_per_day {MAX_PER_DAY}), then submit_bid only: a random "
+    f"one of the {len(AREAS) * USERS_PER_AREA} users bids 1-5 random days of {YEAR} "
+    "(a re-bid replaces the user's earlier bid); every command succeeds"
+)
+
+
+def _command(type_: str, id_: str, area: str, **fields: Any) -> bytes:
+    message: dict[str, Any] = {"id": id_, "type": type_, "actor": ADMIN, "cause": CAUSE}
+    message.update(bid_year=YEAR, area=area, **fields)
+    return msgspec.json.encode(message) + b"\n"
+
+
+def _register(area: str, initials: str) -> bytes:
+    day = "2015-01-04"
+    seniority = {
+        "cumulative_natca_bu_date": day,
+        "natca_bu_date": day,
+        "eod_faa_date": day,
+        "service_computation_date": day,
+        "lottery_value": 7,
+    }
+    return _command(
+        "register_user",
+        f"s-r-{initials}",
+        area,
+        initials=initials,
+        name=f"Controller {initials}",
+        user_type="CPC",
+        crew=3,
+        seniority=seniority,
+    )
+
+
+def split(lines: Sequence[bytes], parts: int) -> list[list[bytes]]:
+    return [list(lines[i::parts]) for i in range(parts)]
+
+
+# ---------------------------------------------------------------- the worker process
+
+
+def rss_kib(pid: int) -> dict[str, int]:
+    """VmRSS and VmHWM (peak) of ``pid`` in KiB."""
+    out = {}
+    for row in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = row.partition(":")
+        if key in {"VmRSS", "VmHWM"}:
+            out[key] = int(value.split()[0])
+    return out
+
+
+@contextmanager
+def socket_worker(workdir: Path, name: str) -> Iterator[tuple[subprocess.Popen[bytes], Path]]:
+    """A fresh database and ``bidlog serve --socket`` on it, stopped with SIGTERM after."""
+    db, sock = workdir / f"{name}.sqlite3", workdir / f"{name}.sock"
+    with (workdir / f"{name}.log").open("ab") as log:
+        proc = subprocess.Popen(
+            [str(BIN), "serve", "--socket", str(sock), "--db", str(db), "--synchronous", "full"],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+        )
+    try:
+        _wait_listening(proc, sock)
+        yield proc, sock
+    finally:
+        proc.terminate()
+        proc.wait(60)
+
+
+def _wait_listening(proc: subprocess.Popen[bytes], sock: Path) -> None:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"bidlog exited with status {proc.returncode}")
+        try:
+            with socket.socket(socket.AF_UNIX) as probe:
+                probe.connect(str(sock))
+            return
+        except OSError:
+            time.sleep(0.02)
+    raise RuntimeError("bidlog did not start listening")
+
+
+# ---------------------------------------------------------------- pipelining clients
+
+
+@dataclass(eq=False)
+class _Conn:
+    """One pipelining connection: at most ``window`` lines sent and not yet answered."""
+
+    sock: socket.socket
+    lines: list[bytes]
+    window: int
+    sent: int = 0
+    received: int = 0
+    ok: int = 0
+    out: bytes = b""
+    tail: bytes = b""
+    mask: int = 0
+    failures: list[bytes] = field(default_factory=list)
+
+    @property
+    def done(self) -> bool:
+        return self.received == len(self.lines)
+
+    def fill(self) -> None:
+        room = self.window - (self.sent - self.received)
+        if not self.out and room > 0 and self.sent < len(self.lines):
+            take = min(room, len(self.lines) - self.sent)
+            self.out = b"".join(self.lines[self.sent : self.sent + take])
+            self.sent += take
+
+    def write(self) -> None:
+        if self.out:
+            self.out = self.out[self.sock.send(self.out) :]
+
+    def read(self) -> list[bytes]:
+        data = self.sock.recv(1 << 18)
+        if not data:
+            raise ConnectionError("bidlog closed the connection")
+        buf = self.tail + data
+        cut = buf.rfind(b"\n") + 1
+        done, self.tail = buf[:cut], buf[cut:]
+        count, ok = done.count(b"\n"), done.count(OK)
+        self.received += count
+        self.ok += ok
+        if ok != count and len(self.failures) < 3:
+            self.failures.extend(x for x in done.splitlines() if OK not in x)
+        return done.splitlines() if count else []
+
+
+@dataclass(frozen=True)
+class PumpResult:
+    replies: int
+    ok: int
+    seconds: float
+    failures: list[bytes]
+
+
+def pump(path: Path, streams: Sequence[list[bytes]], window: int = WINDOW) -> PumpResult:
+    """Send every stream on its own connection, pipelined, until every line is answered."""
+    conns = [_Conn(_connect(path), lines, window) for lines in streams]
+    sel = selectors.DefaultSelector()
+    for conn in conns:
+        conn.sock.setblocking(False)
+        conn.mask = selectors.EVENT_READ
+        sel.register(conn.sock, conn.mask, conn)
+    started = time.perf_counter()
+    try:
+        _run_selector(sel, conns)
+    finally:
+        sel.close()
+        for conn in conns:
+            conn.sock.close()
+    seconds = time.perf_counter() - started
+    failures = [f for c in conns for f in c.failures]
+    return PumpResult(sum(c.received for c in conns), sum(c.ok for c in conns), seconds, failures)
+
+
+def _run_selector(sel: selectors.BaseSelector, conns: list[_Conn]) -> None:
+    while not all(c.done for c in conns):
+        for conn in conns:
+            conn.fill()
+            mask = selectors.EVENT_READ | (selectors.EVENT_WRITE if conn.out else 0)
+            if mask != conn.mask:
+                sel.modify(conn.sock, mask, conn)
+                conn.mask = mask
+        events = sel.select(timeout=60)
+        if not events:
+            raise TimeoutError("no reply from bidlog for 60 s")
+        for key, ready in events:
+            conn = key.data
+            if ready & selectors.EVENT_WRITE:
+                conn.write()
+            if ready & selectors.EVENT_READ:
+                conn.read()
+
+
+def _connect(path: Path) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX)
+    sock.connect(str(path))
+    return sock
+
+
+def require_ok(result: PumpResult, what: str) -> None:
+    if result.ok != result.replies:
+        sample = b"\n".join(result.failures[:3]).decode(errors="replace")
+        raise RuntimeError(f"{what}: {result.replies - result.ok} commands failed:\n{sample}")
+
+
+# ---------------------------------------------------------------- measurements
+
+
+@dataclass
+class Row:
+    """One line of the result table."""
+
+    measure: str
+    value: str
+    target: str = ""
+    verdict: str = ""
+
+
+@dataclass
+class Report:
+    rows: list[Row] = field(default_factory=list)
+    peak_rss_kib: int = 0
+    raw_per_row: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+    def add(self, measure: str, value: str, target: str = "", verdict: str = "") -> None:
+        self.rows.append(Row(measure, value, target, verdict))
+        print(f"  {measure}: {value} {verdict}", file=sys.stderr, flush=True)
+
+    def peak(self, pid: int) -> None:
+        self.peak_rss_kib = max(self.peak_rss_kib, rss_kib(pid).get("VmHWM", 0))
+
+
+def throughput_verdict(report: Report, rate: float) -> tuple[str, str]:
+    ratio = rate / report.raw_per_row
+    return f">= 5x raw per-row ({5 * report.raw_per_row:,.0f}/s)", _verdict(ratio >= 5, ratio)
+
+
+def _verdict(met: bool, ratio: float) -> str:
+    return f"{ratio:.2f}x: {'met' if met else 'MISSED'}"
+
+
+def bench_stdin(workdir: Path, count: int, seed: int, report: Report) -> tuple[Path, int, float]:
+    """Pipe the whole mix into ``bidlog serve``; time from the first byte to the last reply
+    (the clock starts once the worker has logged that it started)."""
+    work = Workload(seed)
+    setup = work.setup()
+    lines = setup + work.bids(count - len(setup), "stdin")
+    db = workdir / "stdin.sqlite3"
+    proc = subprocess.Popen(
+        [str(BIN), "serve", "--db", str(db), "--synchronous", "full"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert proc.stdin and proc.stdout and proc.stderr
+    started_line = proc.stderr.readline()
+    if b"worker started" not in started_line:
+        raise RuntimeError(f"bidlog serve did not start: {started_line!r}")
+    drain = threading.Thread(target=proc.stderr.read, daemon=True)
+    drain.start()
+    feeder = threading.Thread(target=_feed, args=(proc.stdin, lines), daemon=True)
+    started = time.perf_counter()
+    feeder.start()
+    received = ok = 0
+    tail = b""
+    while received < len(lines):
+        chunk = os.read(proc.stdout.fileno(), 1 << 18)
+        if not chunk:
+            raise RuntimeError("bidlog serve closed stdout early")
+        buf = tail + chunk
+        cut = buf.rfind(b"\n") + 1
+        received += buf.count(b"\n", 0, cut)
+        ok += buf.count(OK, 0, cut)
+        tail = buf[cut:]
+    seconds = time.perf_counter() - started
+    report.peak(proc.pid)
+    proc.stdin.close()
+    proc.wait(60)
+    if ok != received:
+        raise RuntimeError(f"stdin: {received - ok} commands failed")
+    return db, len(lines), len(lines) / seconds
+
+
+def add_stdin(report: Report, count: int, rate: float) -> None:
+    target, verdict = throughput_verdict(report, rate)
+    report.add(f"stdin, {count:,} commands", f"{rate:,.0f} commands/s", target, verdict)
+
+
+def _feed(pipe: Any, lines: list[bytes]) -> None:
+    for i in range(0, len(lines), 1000):
+        pipe.write(b"".join(lines[i : i + 1000]))
+    pipe.flush()
+
+
+def bench_socket(workdir: Path, clients: int, count: int, seed: int, report: Report) -> None:
+    """Set up through one connection, then ``clients`` connections pipeline the bids;
+    the rate counts every command (setup included) over the whole time."""
+    work = Workload(seed)
+    setup = work.setup()
+    bids = work.bids(count - len(setup), f"c{clients}")
+    with socket_worker(workdir, f"sock{clients}") as (proc, sock):
+        first = pump(sock, [setup])
+        require_ok(first, "setup")
+        second = pump(sock, split(bids, clients))
+        require_ok(second, f"{clients} clients")
+        report.peak(proc.pid)
+    rate = count / (first.seconds + second.seconds)
+    target, verdict = throughput_verdict(report, rate)
+    name = f"socket, {clients} client{'s' if clients > 1 else ''} (window {WINDOW})"
+    report.add(f"{name}, {count:,} commands", f"{rate:,.0f} commands/s", target, verdict)
+
+
+def bench_latency(workdir: Path, seconds: float, seed: int, report: Report) -> None:
+    """Offer 1,000 commands/s on a schedule through one connection; each line's latency
+    is from its send to its reply (replies come in order). The first 200 are warm-up."""
+    rate = 1000.0
+    work = Workload(seed)
+    lines = work.bids(int(seconds * rate), "lat")
+    with socket_worker(workdir, "latency") as (proc, sock):
+        require_ok(pump(sock, [work.setup()]), "setup")
+        latencies, late = _scheduled(sock, lines, rate)
+        report.peak(proc.pid)
+    samples = sorted(latencies[200:])
+    p50 = statistics.median(samples) * 1000
+    p99 = samples[int(len(samples) * 0.99)] * 1000
+    top = samples[-1] * 1000
+    report.add("ack latency p50 at 1,000 commands/s", f"{p50:.2f} ms")
+    report.add(
+        f"ack latency p99 at 1,000 commands/s ({len(samples):,} samples, max {top:.1f} ms)",
+        f"{p99:.2f} ms",
+        "< 5 ms",
+        _verdict(p99 < 5, p99 / 5),
+    )
+    if late > 0.001:
+        report.notes.append(f"the latency client fell up to {late * 1000:.1f} ms behind schedule")
+
+
+def _scheduled(path: Path, lines: list[bytes], rate: float) -> tuple[list[float], float]:
+    sock = _connect(path)
+    sel = selectors.DefaultSelector()
+    sel.register(sock, selectors.EVENT_READ)
+    sent_at: list[float] = []
+    replied_at: list[float] = []
+    tail, late = b"", 0.0
+    start = time.perf_counter() + 0.05
+    try:
+        while len(replied_at) < len(lines):
+            now = time.perf_counter()
+            while len(sent_at) < len(lines) and start + len(sent_at) / rate <= now:
+                late = max(late, now - (start + len(sent_at) / rate))
+                sock.sendall(lines[len(sent_at)])
+                sent_at.append(time.perf_counter())
+            due = start + len(sent_at) / rate if len(sent_at) < len(lines) else now + 5
+            if sel.select(timeout=max(0.0, due - time.perf_counter())):
+                tail = _read_stamped(sock, tail, replied_at)
+    finally:
+        sel.close()
+        sock.close()
+    return [r - s for s, r in zip(sent_at, replied_at, strict=True)], late
+
+
+def _read_stamped(sock: socket.socket, tail: bytes, replied_at: list[float]) -> bytes:
+    data = sock.recv(1 << 16)
+    now = time.perf_counter()
+    if not data:
+        raise ConnectionError("bidlog closed the connection")
+    buf = tail + data
+    for reply in buf.split(b"\n")[:-1]:
+        if OK not in reply:
+            raise RuntimeError(f"latency run: a command failed: {reply!r}")
+        replied_at.append(now)
+    return buf[buf.rfind(b"\n") + 1 :]
+
+
+def bench_memory(workdir: Path, marks: tuple[int, int], seed: int, report: Report) -> None:
+    """Stream bids by the same 600 users through 4 connections; read the worker's RSS
+    when ``marks[0]`` and then ``marks[1]`` commands have been acknowledged."""
+    work = Workload(seed)
+    setup = work.setup()
+    rss: list[int] = []
+    with socket_worker(workdir, "memory") as (proc, sock):
+        require_ok(pump(sock, [setup]), "setup")
+        done = len(setup)
+        for step, mark in enumerate(marks):
+            bids = work.bids(mark - done, f"mem{step}")
+            require_ok(pump(sock, split(bids, 4)), "memory run")
+            done = mark
+            rss.append(rss_kib(proc.pid)["VmRSS"])
+        report.peak(proc.pid)
+    ratio = rss[1] / rss[0]
+    report.add(f"worker RSS after {marks[0]:,} events", _mib(rss[0]))
+    report.add(
+        f"worker RSS after {marks[1]:,} events (same users)",
+        _mib(rss[1]),
+        "<= 1.5x the first",
+        f"{ratio:.2f}x: {'met' if ratio <= 1.5 else 'MISSED'}",
+    )
+
+
+def _mib(kib: int) -> str:
+    return f"{kib / 1024:.1f} MiB"
+
+
+# ---------------------------------------------------------------- raw sqlite3 baseline
+
+
+def event_payloads(db: Path, limit: int = 1000) -> list[str]:
+    """Stored ``submit_bid`` event rows of a bidlog database, each as one JSON text."""
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        conn.row_factory = sqlite3.Row
+        rows = conn.execute(
+            "SELECT * FROM events WHERE action = 'submit_bid' LIMIT ?", (limit,)
+        ).fetchall()
+    finally:
+        conn.close()
+    return [json.dumps(dict(row), separators=(",", ":")) for row in rows]
+
+
+def bench_raw(workdir: Path, payloads: list[str], sizes: Sizes, report: Report) -> None:
+    size = statistics.mean(len(p.encode()) for p in payloads)
+    per_row = _raw_rate(workdir / "raw1.sqlite3", payloads, sizes.raw_rows, batch=1)
+    batched = _raw_rate(workdir / "raw100.sqlite3", payloads, sizes.raw_batched_rows, batch=100)
+    report.raw_per_row = per_row
+    what = f"rows of {size:.0f} bytes (a stored submit_bid event as JSON)"
+    report.add(f"raw sqlite3, per-row commit, {sizes.raw_rows:,} {what}", f"{per_row:,.0f} rows/s")
+    report.add(
+        f"raw sqlite3, 100-row batches, {sizes.raw_batched_rows:,} rows", f"{batched:,.0f} rows/s"
+    )
+
+
+def _raw_rate(path: Path, payloads: list[str], count: int, batch: int) -> float:
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("PRAGMA synchronous = FULL")
+        conn.execute("CREATE TABLE log (id INTEGER PRIMARY KEY, payload TEXT NOT NULL)")
+        started = time.perf_counter()
+        for first in range(0, count, batch):
+            conn.execute("BEGIN")
+            conn.executemany(
+                "INSERT INTO log (id, payload) VALUES (?, ?)",
+                ((i + 1, payloads[i % len(payloads)]) for i in range(first, first + batch)),
+            )
+            conn.execute("COMMIT")
+        return count / (time.perf_counter() - started)
+    finally:
+        conn.close()
+
+
+# ---------------------------------------------------------------- output
+
+
+def machine(workdir: Path) -> list[str]:
+    model = "unknown CPU"
+    for row in Path("/proc/cpuinfo").read_text().splitlines():
+        if row.startswith("model name"):
+            model = row.partition(":")[2].strip()
+            break
+    return [
+        f"- date: {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC",
+        f"- machine: {os.cpu_count()} CPUs (nproc {_nproc()}), {model}, "
+        f"{platform.system()} {platform.release()}",
+        f"- Python {platform.python_version()}, SQLite {sqlite3.sqlite_version}, "
+        f"database directory on {_fs_type(workdir)}",
+    ]
+
+
+def _nproc() -> str:
+    return str(len(os.sched_getaffinity(0)))
+
+
+def _fs_type(path: Path) -> str:
+    best, kind = "", "unknown"
+    for row in Path("/proc/mounts").read_text().splitlines():
+        parts = row.split()
+        mount = parts[1]
+        if str(path).startswith(mount) and len(mount) > len(best):
+            best, kind = mount, parts[2]
+    return f"{kind} ({best})"
+
+
+def print_report(report: Report, header: list[str], quick: bool) -> None:
+    print(f"## bidlog benchmark{' (--quick)' if quick else ''}\n")
+    print("\n".join(header))
+    print("- bidlog: `serve --synchronous full` (WAL), fresh database per measurement")
+    print(f"- command mix: {MIX}\n")
+    print("| measure | value | target | ratio: verdict |")
+    print("|---|---|---|---|")
+    for row in report.rows:
+        print(f"| {row.measure} | {row.value} | {row.target} | {row.verdict} |")
+    print(f"| worker peak RSS (VmHWM, largest of all runs) | {_mib(report.peak_rss_kib)} | | |")
+    for note in report.notes:
+        print(f"\nNote: {note}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument("--quick", action="store_true", help="a smaller run (about a minute)")
+    parser.add_argument("--dir", type=Path, help="where the databases go (default: a temp dir)")
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--keep", action="store_true", help="keep the databases")
+    args = parser.parse_args(argv)
+    sizes = QUICK if args.quick else FULL
+    workdir = Path(tempfile.mkdtemp(prefix="bidlog-bench-", dir=args.dir))
+    report = Report()
+    try:
+        header = machine(workdir)
+        print("stdin ...", file=sys.stderr)
+        db, count, rate = bench_stdin(workdir, sizes.stdin, args.seed, report)
+        print("raw sqlite3 ...", file=sys.stderr)
+        bench_raw(workdir, event_payloads(db), sizes, report)
+        add_stdin(report, count, rate)
+        for clients in (1, 4, 16):
+            bench_socket(workdir, clients, sizes.socket, args.seed, report)
+        bench_latency(workdir, sizes.latency_seconds, args.seed, report)
+        bench_memory(workdir, sizes.memory, args.seed, report)
+    finally:
+        if not args.keep:
+            shutil.rmtree(workdir, ignore_errors=True)
+    print_report(report, header, args.quick)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

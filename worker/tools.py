@@ -85,9 +85,10 @@ def _add_replay(sub: Any, common: argparse.ArgumentParser) -> None:
         "replay",
         parents=[common],
         help="re-feed message files into a database or a running worker",
-        description="Send every line of the files (in order; '-' is stdin) as messages, "
-        "pipelined, to the database (--db: runs the worker in-process, taking the "
-        "database for writing) or to a running worker (--socket).",
+        description="Send every line of the files (in order; '-' is stdin) as messages,\n"
+        "pipelined, to the database (--db: runs the worker in-process, taking the\n"
+        "database for writing, refused while another process has it) or to a running\n"
+        "worker (--socket).",
         epilog=_REPLAY_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -1,0 +1,277 @@
+"""Appending: one transaction per batch, durable, hash-chained, snapshots where due, and
+atomic under a fault at any statement of the transaction, the COMMIT included."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import sqlite3
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+
+from adapters.canonical import ZERO_HASH
+from adapters.sqlite_store import FailAt, InvalidBatch, SqliteStore
+from domain.errors import PersistenceFailed
+from domain.events import SNAPSHOT_ACTIONS, SYSTEM_ACTOR
+from domain.records import Ack, Batch
+from domain.state import render
+from tests.adapters.store_support import (
+    NORTH,
+    SOUTH,
+    Driver,
+    bid,
+    checkpoint,
+    create,
+    finalize,
+    open_round,
+    register,
+    rollback,
+    scenario,
+)
+
+SECTION_6 = {
+    "event_id", "seq", "bid_year", "area", "recorded_at", "action", "actor", "cause",
+    "message_id", "message_digest", "detail", "before", "after", "snapshot", "prev_hash",
+    "hash",
+}  # fmt: skip
+
+
+def with_auto_checkpoints() -> list[Any]:
+    """The scenario without its hard-coded rollback target, which automatic checkpoints
+    would shift, and with a rollback to event 2 (North's AB registration either way)."""
+    return [*scenario()[:12], rollback(2)]
+
+
+async def events_of(store: SqliteStore) -> list[dict[str, Any]]:
+    return [event async for event in store.iter_events()]
+
+
+def table_counts(db: Path) -> tuple[int, int, int]:
+    with sqlite3.connect(db) as conn:
+        return tuple(
+            conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+            for table in ("events", "snapshots", "acks")
+        )
+
+
+async def test_a_batch_survives_reopening(tmp_path: Path) -> None:
+    db = tmp_path / "db.sqlite3"
+    store = await SqliteStore.open(db)
+    driver = Driver(store)
+    await driver.run(*scenario())
+    before = await events_of(store)
+    head = await store.head()
+    await store.close()
+
+    again = await SqliteStore.open(db)
+    assert await again.head() == head
+    assert await events_of(again) == before
+    assert [e["event_id"] for e in before] == list(range(1, 15))
+    for key in (NORTH, SOUTH):
+        assert await again.state_at(key) == driver.ledger.state(key)
+    acks = await again.acks([e["message_id"] for e in before])
+    assert len(acks) == 14
+    assert acks[before[0]["message_id"]].event_id == 1
+    await again.close()
+
+
+async def test_acks_hold_the_original_acknowledgement(tmp_path: Path) -> None:
+    store = await SqliteStore.open(tmp_path / "db.sqlite3")
+    driver = Driver(store)
+    batch = await driver.decide([create(), register("AB")], step=None)
+    await store.append(batch)
+    found = await store.acks([ack.message_id for ack in batch.acks] + ["never-seen"])
+    assert found == {ack.message_id: ack for ack in batch.acks}
+    many = await store.acks([f"x-{n}" for n in range(1200)] + [batch.acks[1].message_id])
+    assert list(many) == [batch.acks[1].message_id], "look-ups are chunked under SQLite's limit"
+    assert await store.acks([]) == {}
+    await store.close()
+
+
+async def test_hash_chain_follows_the_protocol_formula(tmp_path: Path) -> None:
+    store = await SqliteStore.open(tmp_path / "db.sqlite3")
+    await Driver(store, checkpoint_every=3).run(*with_auto_checkpoints())
+    prev = ZERO_HASH
+    for event in await events_of(store):
+        event.pop("state", None)
+        assert set(event) == SECTION_6
+        body = {k: v for k, v in event.items() if k != "hash"}
+        text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        assert event["prev_hash"] == prev
+        assert event["hash"] == hashlib.sha256(prev.encode() + text.encode()).hexdigest()
+        prev = event["hash"]
+    assert (await store.head()).hash == prev
+    await store.close()
+
+
+async def test_snapshots_are_stored_exactly_where_due(tmp_path: Path) -> None:
+    store = await SqliteStore.open(tmp_path / "db.sqlite3")
+    driver = Driver(store, checkpoint_every=3)
+    await driver.run(*with_auto_checkpoints())
+    events = await events_of(store)
+    automatic = [e for e in events if e["actor"] == msgspec.to_builtins(SYSTEM_ACTOR)]
+    assert automatic, "checkpoint_every=3 must have produced automatic checkpoints"
+    for event in events:
+        due = event["action"] in SNAPSHOT_ACTIONS
+        assert event["snapshot"] is due
+        assert ("state" in event) is due
+    states = {entry.event.event_id: entry.state for entry in driver.entries}
+    for event in events:
+        if event["snapshot"]:
+            assert event["state"] == render(states[event["event_id"]])
+    assert (await store.verify())["snapshots"] == sum(e["snapshot"] for e in events)
+    await store.close()
+
+
+async def test_one_hop_to_the_database_thread_per_batch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = await SqliteStore.open(tmp_path / "db.sqlite3")
+    driver = Driver(store, checkpoint_every=2)
+    batch = await driver.decide(with_auto_checkpoints(), step=None)
+    hops: list[object] = []
+    original: Callable[..., Awaitable[Any]] = store._db._execute
+
+    async def counting(fn: Any, *args: Any) -> Any:
+        hops.append(fn)
+        return await original(fn, *args)
+
+    monkeypatch.setattr(store._db, "_execute", counting)
+    await store.append(batch)
+    assert len(hops) == 1
+    monkeypatch.undo()
+    await store.close()
+
+
+async def test_an_empty_batch_is_a_no_op(tmp_path: Path) -> None:
+    store = await SqliteStore.open(tmp_path / "db.sqlite3")
+    await store.append(Batch(()))
+    assert (await store.head()).event_id == 0
+    await store.close()
+
+
+def _shifted(batch: Batch, **changes: Any) -> Batch:
+    first = batch.entries[0]
+    event = msgspec.structs.replace(first.event, **changes)
+    return Batch((msgspec.structs.replace(first, event=event), *batch.entries[1:]), batch.acks)
+
+
+@pytest.mark.parametrize(
+    ("spoil", "message"),
+    [
+        (lambda b: _shifted(b, event_id=3), "does not follow"),
+        (lambda b: _shifted(b, recorded_at="2026-11-25T19:00:00.000000Z"), "is before"),
+        (lambda b: _shifted(b, recorded_at="2026-11-25 20:00:01Z"), "bad recorded_at"),
+        (lambda b: Batch(b.entries, (Ack("zz", "d", 99, 1, "t"),)), "not in batch"),
+        (lambda b: Batch(b.entries[1:], b.acks), "does not follow"),
+    ],
+)
+async def test_a_batch_that_breaks_the_log_is_refused(
+    tmp_path: Path, spoil: Any, message: str
+) -> None:
+    db = tmp_path / "db.sqlite3"
+    store = await SqliteStore.open(db)
+    driver = Driver(store)
+    await driver.run(create())
+    head = await store.head()
+    batch = await driver.decide([register("AB"), register("CD")], step=None)
+    with pytest.raises(InvalidBatch, match=message):
+        await store.append(spoil(batch))
+    assert await store.head() == head
+    assert table_counts(db) == (1, 0, 1)
+    await store.append(batch)
+    assert (await store.head()).event_id == 3
+    await store.close()
+
+
+async def test_a_constraint_failure_is_persistence_failed_and_changes_nothing(
+    tmp_path: Path,
+) -> None:
+    db = tmp_path / "db.sqlite3"
+    store = await SqliteStore.open(db)
+    driver = Driver(store)
+    await driver.run(create())
+    head = await store.head()
+    batch = await driver.decide([register("AB")], step=None)
+    first = driver.entries[0].event.message_id
+    assert first is not None
+    clash = Batch(batch.entries, (msgspec.structs.replace(batch.acks[0], message_id=first),))
+    with pytest.raises(PersistenceFailed) as caught:
+        await store.append(clash)
+    assert caught.value.details["retryable"] is True
+    assert await store.head() == head
+    assert table_counts(db) == (1, 0, 1)
+    await store.append(batch)
+    assert await store.verify() == {"events": 2, "snapshots": 0}
+    await store.close()
+
+
+def fault_batch_commands() -> list[Any]:
+    """A batch with several events, a finalize and a checkpoint (snapshots), an automatic
+    checkpoint (snapshot, no ack) and acks: every kind of statement an append runs."""
+    return [
+        bid("AB", 1, 4),
+        register("GH"),
+        finalize(1),
+        checkpoint(SOUTH),
+        open_round(2),
+    ]
+
+
+async def test_a_fault_at_any_statement_leaves_everything_unchanged(tmp_path: Path) -> None:
+    base = tmp_path / "base.sqlite3"
+    store = await SqliteStore.open(base)
+    driver = Driver(store, checkpoint_every=4)
+    await driver.run(*scenario()[:8])
+    probe = await driver.decide(fault_batch_commands(), step=None)
+    await store.close()
+    rows = len(probe.entries), sum(e.event.snapshot for e in probe.entries), len(probe.acks)
+    assert rows[1] >= 3 and rows[0] > rows[2], "batch must hold snapshots and an auto checkpoint"
+    statements = sum(rows) + 1  # every row insert, then the COMMIT
+    counter = FailAt(0)
+    shutil.copyfile(base, tmp_path / "count.sqlite3")
+    store = await SqliteStore.open(tmp_path / "count.sqlite3", fault=counter)
+    await store.append(probe)
+    await store.close()
+    assert counter.seen == statements
+
+    for index in range(1, statements + 1):
+        db = tmp_path / f"fault-{index}.sqlite3"
+        shutil.copyfile(base, db)
+        fault = FailAt(index)
+        store = await SqliteStore.open(db, fault=fault)
+        head, counts = await store.head(), table_counts(db)
+        states = [await store.state_at(key) for key in (NORTH, SOUTH)]
+        with pytest.raises(PersistenceFailed, match=f"injected fault at statement {index}"):
+            await store.append(probe)
+        assert fault.fired == 1
+        assert await store.head() == head
+        assert table_counts(db) == counts
+        assert await store.acks([a.message_id for a in probe.acks]) == {}
+        assert [await store.state_at(key) for key in (NORTH, SOUTH)] == states
+        await store.append(probe)  # the same batch goes through on retry, ids gap-free
+        assert (await store.head()).event_id == head.event_id + rows[0]
+        assert await store.verify() == {
+            "events": head.event_id + rows[0],
+            "snapshots": counts[1] + rows[1],
+        }
+        await store.close()
+
+
+async def test_fault_hook_counts_statements_and_can_skip_appends(tmp_path: Path) -> None:
+    fault = FailAt(2, skip=1)
+    store = await SqliteStore.open(tmp_path / "db.sqlite3", fault=fault)
+    driver = Driver(store)
+    await driver.run(create(), register("AB"))  # 2 events + 2 acks + commit; skipped
+    assert (fault.appends, fault.seen, fault.fired) == (1, 5, 0)
+    with pytest.raises(PersistenceFailed):
+        await driver.run(register("CD"))
+    assert (fault.appends, fault.fired) == (2, 1)
+    await driver.run(register("CD"))
+    assert (await store.head()).event_id == 3
+    await store.close()

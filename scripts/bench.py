@@ -68,8 +68,8 @@ class Sizes:
     raw_batched_rows: int
 
 
-FULL = Sizes(40_000, 40_000, 10.0, (20_000, 200_000), 2_000, 40_000)
-QUICK = Sizes(10_000, 10_000, 3.0, (5_000, 50_000), 500, 10_000)
+FULL = Sizes(40_000, 40_000, 10.0, (20_000, 200_000), 3_000, 40_000)
+QUICK = Sizes(10_000, 10_000, 3.0, (5_000, 50_000), 1_000, 10_000)
 
 
 # ---------------------------------------------------------------- the command mix
@@ -164,6 +164,29 @@ def rss_kib(pid: int) -> dict[str, int]:
         if key in {"VmRSS", "VmHWM"}:
             out[key] = int(value.split()[0])
     return out
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time ``pid`` has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@dataclass(frozen=True)
+class Throughput:
+    """Commands answered in ``seconds``, and the worker's CPU time meanwhile."""
+
+    commands: int
+    seconds: float
+    cpu: float
+
+    @property
+    def rate(self) -> float:
+        return self.commands / self.seconds
+
+    def describe(self) -> str:
+        per = self.cpu / self.commands * 1e6
+        return f"{self.rate:,.0f} commands/s (worker CPU {per:.0f} µs/command)"
 
 
 @contextmanager
@@ -343,7 +366,7 @@ def _verdict(met: bool, ratio: float) -> str:
     return f"{ratio:.2f}x: {'met' if met else 'MISSED'}"
 
 
-def bench_stdin(workdir: Path, count: int, seed: int, report: Report) -> tuple[Path, int, float]:
+def bench_stdin(workdir: Path, count: int, seed: int, report: Report) -> tuple[Path, Throughput]:
     """Pipe the whole mix into ``bidlog serve``; time from the first byte to the last reply
     (the clock starts once the worker has logged that it started)."""
     work = Workload(seed)
@@ -363,7 +386,7 @@ def bench_stdin(workdir: Path, count: int, seed: int, report: Report) -> tuple[P
     drain = threading.Thread(target=proc.stderr.read, daemon=True)
     drain.start()
     feeder = threading.Thread(target=_feed, args=(proc.stdin, lines), daemon=True)
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), cpu_seconds(proc.pid)
     feeder.start()
     received = ok = 0
     tail = b""
@@ -376,18 +399,18 @@ def bench_stdin(workdir: Path, count: int, seed: int, report: Report) -> tuple[P
         received += buf.count(b"\n", 0, cut)
         ok += buf.count(OK, 0, cut)
         tail = buf[cut:]
-    seconds = time.perf_counter() - started
+    done = Throughput(len(lines), time.perf_counter() - started, cpu_seconds(proc.pid) - cpu)
     report.peak(proc.pid)
     proc.stdin.close()
     proc.wait(60)
     if ok != received:
         raise RuntimeError(f"stdin: {received - ok} commands failed")
-    return db, len(lines), len(lines) / seconds
+    return db, done
 
 
-def add_stdin(report: Report, count: int, rate: float) -> None:
-    target, verdict = throughput_verdict(report, rate)
-    report.add(f"stdin, {count:,} commands", f"{rate:,.0f} commands/s", target, verdict)
+def add_throughput(report: Report, name: str, done: Throughput) -> None:
+    target, verdict = throughput_verdict(report, done.rate)
+    report.add(f"{name}, {done.commands:,} commands", done.describe(), target, verdict)
 
 
 def _feed(pipe: Any, lines: list[bytes]) -> None:
@@ -403,15 +426,16 @@ def bench_socket(workdir: Path, clients: int, count: int, seed: int, report: Rep
     setup = work.setup()
     bids = work.bids(count - len(setup), f"c{clients}")
     with socket_worker(workdir, f"sock{clients}") as (proc, sock):
+        cpu = cpu_seconds(proc.pid)
         first = pump(sock, [setup])
         require_ok(first, "setup")
         second = pump(sock, split(bids, clients))
         require_ok(second, f"{clients} clients")
+        cpu = cpu_seconds(proc.pid) - cpu
         report.peak(proc.pid)
-    rate = count / (first.seconds + second.seconds)
-    target, verdict = throughput_verdict(report, rate)
-    name = f"socket, {clients} client{'s' if clients > 1 else ''} (window {WINDOW})"
-    report.add(f"{name}, {count:,} commands", f"{rate:,.0f} commands/s", target, verdict)
+    done = Throughput(count, first.seconds + second.seconds, cpu)
+    plural = "s" if clients > 1 else ""
+    add_throughput(report, f"socket, {clients} client{plural} (window {WINDOW})", done)
 
 
 def bench_latency(workdir: Path, seconds: float, seed: int, report: Report) -> None:
@@ -567,7 +591,12 @@ def machine(workdir: Path) -> list[str]:
         f"{platform.system()} {platform.release()}",
         f"- Python {platform.python_version()}, SQLite {sqlite3.sqlite_version}, "
         f"database directory on {_fs_type(workdir)}",
+        f"- load average before the run: {_loadavg()} (other work on the machine skews figures)",
     ]
+
+
+def _loadavg() -> str:
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
 
 
 def _nproc() -> str:
@@ -594,6 +623,7 @@ def print_report(report: Report, header: list[str], quick: bool) -> None:
     for row in report.rows:
         print(f"| {row.measure} | {row.value} | {row.target} | {row.verdict} |")
     print(f"| worker peak RSS (VmHWM, largest of all runs) | {_mib(report.peak_rss_kib)} | | |")
+    print(f"\nLoad average after the run: {_loadavg()}.")
     for note in report.notes:
         print(f"\nNote: {note}")
 
@@ -611,10 +641,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         header = machine(workdir)
         print("stdin ...", file=sys.stderr)
-        db, count, rate = bench_stdin(workdir, sizes.stdin, args.seed, report)
+        db, done = bench_stdin(workdir, sizes.stdin, args.seed, report)
         print("raw sqlite3 ...", file=sys.stderr)
         bench_raw(workdir, event_payloads(db), sizes, report)
-        add_stdin(report, count, rate)
+        add_throughput(report, "stdin", done)
         for clients in (1, 4, 16):
             bench_socket(workdir, clients, sizes.socket, args.seed, report)
         bench_latency(workdir, sizes.latency_seconds, args.seed, report)

@@ -30,8 +30,8 @@ from tests.adapters.store_support import (
     finalize,
     open_round,
     register,
-    rollback,
     scenario,
+    with_auto_checkpoints,
 )
 
 SECTION_6 = {
@@ -39,12 +39,6 @@ SECTION_6 = {
     "message_id", "message_digest", "detail", "before", "after", "snapshot", "prev_hash",
     "hash",
 }  # fmt: skip
-
-
-def with_auto_checkpoints() -> list[Any]:
-    """The scenario without its hard-coded rollback target, which automatic checkpoints
-    would shift, and with a rollback to event 2 (North's AB registration either way)."""
-    return [*scenario()[:12], rollback(2)]
 
 
 async def events_of(store: SqliteStore) -> list[dict[str, Any]]:

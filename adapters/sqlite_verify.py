@@ -74,8 +74,6 @@ class Verifier:
         expected = self.checked + 1
         if event_id != expected:
             _fail(expected, f"event {expected} is missing")
-        if self.late is not None and event_id >= self.late[0]:
-            _fail(*self.late)
         self._check_chain(row)
         event = self._check_event(row)
         state = self._evolve(event)
@@ -85,6 +83,8 @@ class Verifier:
             _fail(event_id, f"event {event_id} has a snapshot but is not a snapshot event")
         self.states[event.scope] = state
         self.checked = event_id
+        if self.late is not None and event_id >= self.late[0]:
+            _fail(*self.late)
 
     def _check_chain(self, row: Row) -> None:
         obj = event_dict(row)

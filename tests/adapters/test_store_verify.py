@@ -1,0 +1,148 @@
+"""``verify``: a clean log checks out; every kind of tampering (done the only way it can
+be: dropping the triggers first) is caught and names the first bad event."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from adapters import sqlite_verify
+from adapters.canonical import chain_hash
+from adapters.sqlite_rows import EVENT_COLUMNS, event_dict
+from adapters.sqlite_schema import PROTECTED_TABLES
+from adapters.sqlite_store import SqliteStore
+from domain.errors import IntegrityError
+from tests.adapters.store_support import Driver, scenario
+
+CLEAN = {"events": 14, "snapshots": 3}
+
+
+async def build(db: Path) -> None:
+    store = await SqliteStore.open(db)
+    try:
+        await Driver(store).run(*scenario())
+    finally:
+        await store.close()
+
+
+def tamper(db: Path, *statements: str) -> None:
+    with sqlite3.connect(db) as conn:
+        for table in PROTECTED_TABLES:
+            for verb in ("update", "delete"):
+                conn.execute(f"DROP TRIGGER IF EXISTS {table}_no_{verb}")
+        for statement in statements:
+            conn.execute(statement)
+
+
+def rehash_from(db: Path, first: int) -> None:
+    """What a careful forger does: recompute every hash from ``first`` to the head."""
+    with sqlite3.connect(db) as conn:
+        rows = conn.execute(
+            f"SELECT {EVENT_COLUMNS} FROM events WHERE event_id >= ? ORDER BY event_id", (first,)
+        ).fetchall()
+        (prev,) = conn.execute(
+            "SELECT hash FROM events WHERE event_id = ?", (first - 1,)
+        ).fetchone()
+        for row in rows:
+            obj = event_dict(row)
+            del obj["hash"]
+            obj["prev_hash"] = prev
+            prev = chain_hash(prev, obj)
+            conn.execute(
+                "UPDATE events SET prev_hash = ?, hash = ? WHERE event_id = ?",
+                (obj["prev_hash"], prev, row[0]),
+            )
+
+
+async def verify(db: Path, *, writer: bool = True) -> dict[str, int]:
+    store = await SqliteStore.open(db, writer=writer)
+    try:
+        return await store.verify()
+    finally:
+        await store.close()
+
+
+@pytest.mark.parametrize("writer", [True, False])
+async def test_a_clean_log_checks_out(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, writer: bool
+) -> None:
+    db = tmp_path / "db.sqlite3"
+    await build(db)
+    assert await verify(db, writer=writer) == CLEAN
+    monkeypatch.setattr(sqlite_verify, "CHUNK", 3)
+    assert await verify(db, writer=writer) == CLEAN
+
+
+async def test_an_empty_log_checks_out(tmp_path: Path) -> None:
+    assert await verify(tmp_path / "db.sqlite3") == {"events": 0, "snapshots": 0}
+
+
+@pytest.mark.parametrize(
+    ("statements", "bad", "message"),
+    [
+        (["UPDATE events SET detail = '{\"x\":1}' WHERE event_id = 5"], 5, "hash chain"),
+        (["UPDATE events SET recorded_at = '2027-01-01T00:00:00.000000Z' WHERE event_id = 5"], 5,
+         "hash chain"),
+        (["UPDATE events SET hash = prev_hash WHERE event_id = 14"], 14, "hash chain"),
+        (["DELETE FROM events WHERE event_id = 6"], 6, "event 6 is missing"),
+        (["UPDATE snapshots SET state = replace(state, '\"finalized\"', '\"open\"') "
+          "WHERE event_id = 9"], 9, "differs from replay"),
+        (["UPDATE snapshots SET state = 'not json' WHERE event_id = 10"], 10, "differs"),
+        (["DELETE FROM snapshots WHERE event_id = 13"], 13, "snapshot of event 13 is missing"),
+        (["INSERT INTO snapshots SELECT 5, bid_year, area, state FROM snapshots "
+          "WHERE event_id = 9"], 5, "has a snapshot but is not"),
+        (["UPDATE snapshots SET area = 'South' WHERE event_id = 9"], 9, "snapshot does not"),
+        (["UPDATE acks SET digest = 'forged' WHERE event_id = 4"], 4, "idempotency record"),
+        (["INSERT INTO acks VALUES ('ghost', 'd', 99, 1, 't')"], 99, "idempotency record"),
+    ],
+)  # fmt: skip
+async def test_tampering_is_caught_at_the_first_bad_event(
+    tmp_path: Path, statements: list[str], bad: int, message: str
+) -> None:
+    db = tmp_path / "db.sqlite3"
+    await build(db)
+    tamper(db, *statements)
+    with pytest.raises(IntegrityError, match=message) as caught:
+        await verify(db)
+    assert caught.value.details == {"event_id": bad}
+    assert caught.value.code == "integrity_error"
+
+
+async def test_a_rehashed_forgery_is_caught_by_the_next_snapshot(tmp_path: Path) -> None:
+    db = tmp_path / "db.sqlite3"
+    await build(db)
+    tamper(db, "UPDATE events SET after = replace(after, '2026-07-03', '2026-07-04') "
+               "WHERE event_id = 7")  # fmt: skip
+    rehash_from(db, 7)
+    with pytest.raises(IntegrityError, match="snapshot of event 9 differs") as caught:
+        await verify(db)
+    assert caught.value.details == {"event_id": 9}
+
+
+async def test_a_delta_that_does_not_replay_is_caught(tmp_path: Path) -> None:
+    db = tmp_path / "db.sqlite3"
+    await build(db)
+    tamper(db, "UPDATE events SET after = '{\"nonsense\":1}' WHERE event_id = 2")
+    rehash_from(db, 2)
+    with pytest.raises(IntegrityError, match="event 2 does not replay") as caught:
+        await verify(db)
+    assert caught.value.details == {"event_id": 2}
+
+
+async def test_the_writer_notices_a_truncated_head(tmp_path: Path) -> None:
+    """Only the writer knows what it committed; a reader cannot tell a cut-off tail."""
+    db = tmp_path / "db.sqlite3"
+    await build(db)
+    store = await SqliteStore.open(db)
+    try:
+        tamper(db, "DELETE FROM events WHERE event_id = 14", "DELETE FROM acks WHERE event_id = 14")
+        with pytest.raises(IntegrityError, match="event 14 is missing") as caught:
+            await store.verify()
+        assert caught.value.details == {"event_id": 14}
+        reader = await SqliteStore.open(db, writer=False)
+        assert await reader.verify() == {"events": 13, "snapshots": 3}
+        await reader.close()
+    finally:
+        await store.close()

@@ -75,6 +75,7 @@ class Stream:
         self.area = f"Area{index}"
         self.users = INITIALS[index * users : (index + 1) * users]
         self.rng = rng
+        self.pieces = random.Random(rng.random())  # how many lines each send carries
         self.ids: list[str] = []
         self.lines: list[bytes] = []
         self._add("create_area", f"c{index}")
@@ -202,7 +203,8 @@ class Client:
     def fill(self) -> None:
         room = self.window - (self.sent - self.received)
         end = self.stop if self.stop is not None else self.sent + room
-        take = min(room, end - self.sent)
+        # Sends of random sizes, so kills land between and inside the worker's batches.
+        take = min(room, end - self.sent, self.stream.pieces.randint(1, 64))
         if not self.out and take > 0:
             self.stream.ensure(self.sent + take)
             self.out = b"".join(self.stream.lines[self.sent : self.sent + take])

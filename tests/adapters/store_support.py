@@ -4,7 +4,7 @@ remembering every scope's state after every event to compare the store's reads w
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ from domain.commands import (
     SubmitBid,
     WithdrawBid,
 )
+from domain.errors import DomainError
 from domain.ledger import Draft, Ledger
 from domain.records import Ack, Batch, Entry
 from domain.state import ScopeKey, ScopeState
@@ -128,20 +129,36 @@ class Driver:
         self.clock = START
         self._pending: Draft | None = None
 
-    async def run(self, *commands: Command, step: dt.timedelta | None = None) -> list[Entry]:
-        batch = await self.decide(commands, step=step)
+    async def run(
+        self, *commands: Command | Callable[[Draft], Command], step: dt.timedelta | None = None, skip_refused: bool = False
+    ) -> list[Entry]:
+        batch = await self.decide(commands, step=step, skip_refused=skip_refused)
         await self.store.append(batch)
         self.accept(batch)
         return list(batch.entries)
 
-    async def decide(self, commands: Sequence[Command], *, step: dt.timedelta | None) -> Batch:
+    async def decide(
+        self,
+        commands: Sequence[Command | Callable[[Draft], Command]],
+        *,
+        step: dt.timedelta | None,
+        skip_refused: bool = False,
+    ) -> Batch:
+        """One draft over ``commands`` (or functions of the draft that make one, to choose
+        a command from the working state); a refused command raises, or is left out."""
         draft = self.ledger.draft()
         acks: list[Ack] = []
-        for command in commands:
+        for item in commands:
+            command = item(draft) if callable(item) else item
             self.clock += step if step is not None else dt.timedelta(milliseconds=1)
             body = digest(msgspec.to_builtins(command))
             target = await self._target(command, draft.entries)
-            added = draft.apply(command, now=self.clock, digest=body, rollback_target=target)
+            try:
+                added = draft.apply(command, now=self.clock, digest=body, rollback_target=target)
+            except DomainError:
+                if skip_refused:
+                    continue
+                raise
             event = added[0].event
             acks.append(Ack(command.id, body, event.event_id, event.seq, event.recorded_at))
         self._pending = draft

@@ -190,12 +190,15 @@ class Throughput:
 
 
 @contextmanager
-def socket_worker(workdir: Path, name: str) -> Iterator[tuple[subprocess.Popen[bytes], Path]]:
-    """A fresh database and ``bidlog serve --socket`` on it, stopped with SIGTERM after."""
+def socket_worker(
+    workdir: Path, name: str, *extra: str
+) -> Iterator[tuple[subprocess.Popen[bytes], Path]]:
+    """A fresh database and ``bidlog serve --socket`` on it, stopped with SIGTERM after;
+    its log is ``<name>.log``."""
     db, sock = workdir / f"{name}.sqlite3", workdir / f"{name}.sock"
     with (workdir / f"{name}.log").open("ab") as log:
         proc = subprocess.Popen(
-            [str(BIN), "serve", "--socket", str(sock), "--db", str(db), "--synchronous", "full"],
+            [BIN, "serve", "--socket", sock, "--db", db, "--synchronous", "full", *extra],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=log,
@@ -449,11 +452,14 @@ def bench_socket(workdir: Path, clients: int, count: int, seed: int, report: Rep
 
 def bench_latency(workdir: Path, seconds: float, seed: int, report: Report) -> None:
     """Offer 1,000 commands/s on a schedule through one connection; each line's latency
-    is from its send to its reply (replies come in order). The first 200 are warm-up."""
+    is from its send to its reply (replies come in order). The first 200 are warm-up.
+
+    The worker logs at debug level (one line per committed batch, with the time its
+    append took): that splits the tail between the disk and the rest of the pipeline."""
     rate = 1000.0
     work = Workload(seed)
     lines = work.bids(int(seconds * rate), "lat")
-    with socket_worker(workdir, "latency") as (proc, sock):
+    with socket_worker(workdir, "latency", "--log-level", "debug") as (proc, sock):
         require_ok(pump(sock, [work.setup()]), "setup")
         latencies, late = _scheduled(sock, lines, rate)
         report.peak(proc.pid)
@@ -468,8 +474,24 @@ def bench_latency(workdir: Path, seconds: float, seed: int, report: Report) -> N
         "< 5 ms",
         _verdict(p99 < 5, p99 / 5),
     )
+    commits = sorted(_commit_ms(workdir / "latency.log"))
+    if commits:
+        c50, c99 = statistics.median(commits), commits[int(len(commits) * 0.99)]
+        report.add(
+            f"of which: store append per batch, p50 / p99 / max ({len(commits):,} commits)",
+            f"{c50:.2f} / {c99:.2f} / {commits[-1]:.1f} ms",
+        )
     if late > 0.001:
         report.notes.append(f"the latency client fell up to {late * 1000:.1f} ms behind schedule")
+
+
+def _commit_ms(log: Path) -> list[float]:
+    """``commit_ms`` of every "batch committed" line of a debug-level worker log."""
+    out = []
+    for line in log.read_bytes().splitlines():
+        if b"commit_ms" in line:
+            out.append(float(msgspec.json.decode(line)["commit_ms"]))
+    return out
 
 
 def _scheduled(path: Path, lines: list[bytes], rate: float) -> tuple[list[float], float]:

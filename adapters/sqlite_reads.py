@@ -71,14 +71,23 @@ def point(conn: sqlite3.Connection, key: ScopeKey, upto: int = END) -> Point | N
     return None if state is None else Point(state, len(rows))
 
 
-def last_event_at(conn: sqlite3.Connection, key: ScopeKey, at_time: str) -> int | None:
-    """The scope's last event recorded at or before ``at_time`` (same text format)."""
-    row = conn.execute(
-        "SELECT event_id FROM events WHERE bid_year = ? AND area = ? AND recorded_at <= ? "
-        "ORDER BY recorded_at DESC, event_id DESC LIMIT 1",
-        (*key, at_time),
-    ).fetchone()
-    return None if row is None else int(row[0])
+def last_event_at(conn: sqlite3.Connection, at_time: str) -> int:
+    """The last event recorded at or before ``at_time`` (same text format), 0 if none.
+
+    Binary search over event ids: ``recorded_at`` never decreases along ``event_id``.
+    """
+    low, high = 0, head(conn).event_id  # invariant: low is at or before, high+1 after
+    while low < high:
+        middle = (low + high + 1) // 2
+        (recorded_at,) = conn.execute(
+            "SELECT recorded_at FROM events WHERE event_id >= ? ORDER BY event_id LIMIT 1",
+            (middle,),
+        ).fetchone()
+        if recorded_at <= at_time:
+            low = middle
+        else:
+            high = middle - 1
+    return low
 
 
 def belongs(conn: sqlite3.Connection, key: ScopeKey, event_id: int) -> bool:

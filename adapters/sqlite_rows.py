@@ -7,13 +7,14 @@ decodes back to the very object that was hashed, and exports byte for byte the s
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Sequence
 from typing import Any
 
 import msgspec
 
-from adapters.canonical import ZERO_HASH, canonical, chain_hash
+from adapters.canonical import ZERO_HASH, canonical
 from adapters.sqlite_schema import InvalidBatch
 from domain.commands import Actor, Cause
 from domain.events import SCHEMA_VERSION, Event
@@ -32,6 +33,12 @@ INSERT_ACK = (
 TIMESTAMP = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z\Z")
 
 Row = tuple[Any, ...]
+_json = msgspec.json.Encoder(order="sorted").encode  # = adapters.canonical.canonical
+_HASHED = (
+    b'{"action":%b,"actor":%b,"after":%b,"area":%b,"before":%b,"bid_year":%d,"cause":%b,'
+    b'"detail":%b,"event_id":%d,"message_digest":%b,"message_id":%b,"prev_hash":%b,'
+    b'"recorded_at":%b,"seq":%d,"snapshot":%b}'
+)
 _decode_json = msgspec.json.Decoder()
 _decode_actor = msgspec.json.Decoder(Actor)
 _decode_cause = msgspec.json.Decoder(Cause)
@@ -62,9 +69,9 @@ def encode_batch(batch: Batch, head: Head) -> Encoded:
     for entry in batch.entries:
         event = entry.event
         _check_continues(event, head)
-        obj = event_object(event, head.hash)
-        head = Head(event.event_id, chain_hash(head.hash, obj), event.recorded_at)
-        events.append(event_row(obj, head.hash))
+        row = hashed_row(event, head.hash)
+        head = Head(event.event_id, row[16], event.recorded_at)
+        events.append(row)
         if event.snapshot:
             snapshots.append(snapshot_row(event, entry.state))
     first = events[0][0] if events else head.event_id + 1
@@ -83,6 +90,43 @@ def _check_continues(event: Event, head: Head) -> None:
         )
 
 
+def hashed_row(event: Event, prev_hash: str) -> Row:
+    """The event's row, its hash last: ``sha256(prev_hash + canonical(object))``.
+
+    The canonical object (section-6 fields and ``prev_hash``, keys sorted) is assembled
+    from the canonical bytes of its values, the same bytes the JSON columns store, so
+    each value is encoded once; tests hold it to the protocol's ``json.dumps`` formula.
+    """
+    actor, cause = _json(event.actor), _json(event.cause)
+    detail, before, after = _json(event.detail), _json(event.before), _json(event.after)
+    body = _HASHED % (
+        _json(event.action), actor, after, _json(event.area), before, event.bid_year,
+        cause, detail, event.event_id, _json(event.message_digest), _json(event.message_id),
+        _json(prev_hash), _json(event.recorded_at), event.seq,
+        b"true" if event.snapshot else b"false",
+    )  # fmt: skip
+    hash_ = hashlib.sha256(prev_hash.encode("ascii") + body).hexdigest()
+    return (
+        event.event_id,
+        event.seq,
+        event.bid_year,
+        event.area,
+        event.recorded_at,
+        event.action,
+        actor.decode(),
+        cause.decode(),
+        event.message_id,
+        event.message_digest,
+        detail.decode(),
+        None if event.before is None else before.decode(),
+        None if event.after is None else after.decode(),
+        int(event.snapshot),
+        SCHEMA_VERSION,
+        prev_hash,
+        hash_,
+    )
+
+
 def event_object(event: Event, prev_hash: str) -> dict[str, Any]:
     """The section-6 object that is hashed: the event's fields plus ``prev_hash``."""
     obj: dict[str, Any] = msgspec.to_builtins(event)
@@ -91,6 +135,7 @@ def event_object(event: Event, prev_hash: str) -> dict[str, Any]:
 
 
 def event_row(obj: dict[str, Any], hash_: str) -> Row:
+    """The row of a section-6 object (``event_object``) whose hash is already known."""
     return (
         obj["event_id"],
         obj["seq"],
@@ -98,13 +143,13 @@ def event_row(obj: dict[str, Any], hash_: str) -> Row:
         obj["area"],
         obj["recorded_at"],
         obj["action"],
-        _text(obj["actor"]),
-        _text(obj["cause"]),
+        _json(obj["actor"]).decode(),
+        _json(obj["cause"]).decode(),
         obj["message_id"],
         obj["message_digest"],
-        _text(obj["detail"]),
-        _nullable_text(obj["before"]),
-        _nullable_text(obj["after"]),
+        _json(obj["detail"]).decode(),
+        None if obj["before"] is None else _json(obj["before"]).decode(),
+        None if obj["after"] is None else _json(obj["after"]).decode(),
         int(obj["snapshot"]),
         SCHEMA_VERSION,
         obj["prev_hash"],
@@ -127,14 +172,6 @@ def ack_row(ack: Ack, first: int, last: int) -> Row:
     if not first <= ack.event_id <= last:
         raise InvalidBatch(f"ack {ack.message_id!r} names event {ack.event_id}, not in batch")
     return (ack.message_id, ack.digest, ack.event_id, ack.seq, ack.recorded_at)
-
-
-def _text(value: Any) -> str:
-    return canonical(value).decode()
-
-
-def _nullable_text(value: Any) -> str | None:
-    return None if value is None else canonical(value).decode()
 
 
 def _nullable_json(text: str | None) -> Any:

@@ -6,6 +6,11 @@ Tables (JSON columns hold canonical JSON text, see ``adapters.canonical``):
 - ``snapshots``: the full rendered state at every snapshot event.
 - ``acks``: the idempotency record of every acknowledged command.
 
+Indexes: ``events_by_scope`` (bid year, area, event id) serves every per-scope read; a
+time lookup needs none of its own: ``recorded_at`` never decreases along ``event_id``
+(append refuses it, verify checks it), so the last event at or before a time is found by
+binary search over the primary key, which is cheaper than a second index on every insert.
+
 Triggers refuse UPDATE and DELETE on all three: the log is append-only through SQL too.
 ``PRAGMA user_version`` carries ``DB_VERSION``; any other non-zero version is refused.
 """
@@ -43,7 +48,6 @@ CREATE TABLE events (
     hash           TEXT    NOT NULL
 );
 CREATE INDEX events_by_scope ON events (bid_year, area, event_id);
-CREATE INDEX events_by_scope_time ON events (bid_year, area, recorded_at);
 CREATE TABLE snapshots (
     event_id INTEGER PRIMARY KEY,
     bid_year INTEGER NOT NULL,

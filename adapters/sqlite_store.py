@@ -351,10 +351,7 @@ def _state_at(
 ) -> ScopeState | None:
     upto = reads.END if at_event is None else at_event
     if at_time is not None:
-        found = reads.last_event_at(conn, key, at_time)
-        if found is None:
-            return None
-        upto = found
+        upto = reads.last_event_at(conn, at_time)
     found_point = reads.point(conn, key, upto)
     return None if found_point is None else found_point.state
 

@@ -14,7 +14,8 @@ from typing import Any
 import msgspec
 import pytest
 
-from adapters.canonical import ZERO_HASH
+from adapters.canonical import ZERO_HASH, chain_hash
+from adapters.sqlite_rows import event_object, event_row, hashed_row
 from adapters.sqlite_store import FailAt, InvalidBatch, SqliteStore
 from domain.errors import PersistenceFailed
 from domain.events import SNAPSHOT_ACTIONS, SYSTEM_ACTOR
@@ -269,3 +270,17 @@ async def test_fault_hook_counts_statements_and_can_skip_appends(tmp_path: Path)
     await driver.run(register("CD"))
     assert (await store.head()).event_id == 3
     await store.close()
+
+
+async def test_stored_rows_equal_the_rows_built_from_the_hashed_object(tmp_path: Path) -> None:
+    """``hashed_row`` (the fast path) and ``event_row(event_object)`` (import) agree."""
+    store = await SqliteStore.open(tmp_path / "db.sqlite3")
+    driver = Driver(store, checkpoint_every=3)
+    await driver.run(*with_auto_checkpoints())
+    await store.close()
+    prev = ZERO_HASH
+    for entry in driver.entries:
+        row = hashed_row(entry.event, prev)
+        obj = event_object(entry.event, prev)
+        assert row == event_row(obj, chain_hash(prev, obj))
+        prev = row[16]

@@ -210,12 +210,6 @@ TRAILING_NEWLINE: list[tuple[str, dict[str, Any], str]] = [
 ]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG in domain/commands.py: msgspec patterns use re.search, where `$` also "
-    "matches before a final newline, so 'AB\\n' passes ^[A-Z]{2}$ (anchor with \\Z); "
-    "remove this marker once fixed",
-)
 @pytest.mark.parametrize(("kind", "changes", "path"), TRAILING_NEWLINE)
 def test_a_trailing_newline_does_not_match_a_pattern(
     kind: str, changes: dict[str, Any], path: str

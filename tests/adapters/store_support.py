@@ -130,7 +130,10 @@ class Driver:
         self._pending: Draft | None = None
 
     async def run(
-        self, *commands: Command | Callable[[Draft], Command], step: dt.timedelta | None = None, skip_refused: bool = False
+        self,
+        *commands: Command | Callable[[Draft], Command],
+        step: dt.timedelta | None = None,
+        skip_refused: bool = False,
     ) -> list[Entry]:
         batch = await self.decide(commands, step=step, skip_refused=skip_refused)
         await self.store.append(batch)

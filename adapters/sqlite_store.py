@@ -189,7 +189,9 @@ class SqliteStore:
 
         Raises ``InvalidBatch`` (nothing written) if the ids do not continue the head or
         ``recorded_at`` goes back, and ``PersistenceFailed`` if SQLite fails; either way
-        the database and the head are as before.
+        the database and the head are as before. If the awaiting task is cancelled, the
+        transaction still runs to its end on the database thread and the head follows
+        it: the caller cannot know the outcome, so shield this await from cancellation.
         """
         if self._lock is None:
             raise StoreError(f"{self.path} is open read-only")

@@ -208,3 +208,10 @@ def _locked(db: Path) -> bool:
     finally:
         os.close(fd)
     return False
+
+
+async def test_a_lock_file_that_cannot_be_made_is_a_clear_error(tmp_path: Path) -> None:
+    not_a_folder = tmp_path / "file"
+    not_a_folder.write_text("")
+    with pytest.raises(StoreError, match="cannot open the lock file"):
+        await SqliteStore.open(not_a_folder / "db.sqlite3")

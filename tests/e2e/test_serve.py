@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sqlite3
 import stat
 import subprocess
 import sys
@@ -217,3 +218,17 @@ def test_socket_in_use_or_unusable_path_exits_1(tmp_path: Path, sockdir: Path) -
         assert proc.wait(20) == 0
     missing = bidlog("serve", "--socket", sockdir / "no" / "s", "--db", tmp_path / "c.sqlite3")
     assert missing.returncode == 1 and b"Traceback" not in missing.stderr
+
+
+def test_tampered_tail_fails_the_startup_integrity_check(tmp_path: Path) -> None:
+    db = tmp_path / "b.sqlite3"
+    assert bidlog("serve", "--db", db, stdin=EXAMPLE.read_bytes()).returncode == 0
+    with sqlite3.connect(db) as conn:
+        triggers = conn.execute("SELECT name FROM sqlite_master WHERE type = 'trigger'")
+        for (name,) in triggers.fetchall():
+            conn.execute(f"DROP TRIGGER {name}")
+        conn.execute("UPDATE events SET cause = ? WHERE event_id = 10", ('{"id":"x"}',))
+    done = bidlog("serve", "--db", db, stdin=line(create_area("West")))
+    assert done.returncode == 1
+    assert b"integrity check failed at event 10" in done.stderr
+    assert done.stdout == b""

@@ -168,6 +168,17 @@ def test_version_conflict_on_a_missing_scope_reports_seq_0() -> None:
     assert details == {"seq": 0, "expected_seq": 2}
 
 
+def test_expected_seq_0_on_a_missing_scope_passes_to_unknown_area() -> None:
+    code, _ = refuse(None, register_user(expected_seq=0))
+    assert code == "unknown_area"
+
+
+def test_version_conflict_comes_before_unknown_area() -> None:
+    code, details = refuse(None, register_user(expected_seq=1))
+    assert code == "version_conflict"
+    assert details == {"seq": 0, "expected_seq": 1}
+
+
 def test_version_conflict_on_an_existing_scope_comes_before_area_exists() -> None:
     code, details = refuse(scope(seq=3), create_area(expected_seq=0))
     assert code == "version_conflict"
@@ -240,6 +251,11 @@ def test_a_bidder_may_submit_and_withdraw() -> None:
 
 def test_unauthorized_comes_before_version_conflict_and_rules() -> None:
     code, _ = refuse(scope(seq=3), create_area(actor=BIDDER, expected_seq=9))
+    assert code == "unauthorized"
+
+
+def test_unauthorized_comes_before_unknown_area() -> None:
+    code, _ = refuse(None, register_user(actor=BIDDER))
     assert code == "unauthorized"
 
 

@@ -187,7 +187,7 @@ def check_rollback(
     other_initials: Mapping[str, str],
 ) -> ScopeState:
     x = command.to_event
-    if target is None or target.head_event != x or x >= state.head_event:
+    if target is None or target.key != state.key or target.head_event != x or x >= state.head_event:
         raise errors.InvalidRollbackTarget(
             f"event {x} is not an earlier event of {state.bid_year}/{state.area}",
             to_event=x,

@@ -27,7 +27,6 @@ import msgspec
 
 from adapters.canonical import ZERO_HASH, canonical, chain_hash
 from adapters.sqlite_rows import (
-    INSERT_ACK,
     INSERT_EVENT,
     INSERT_SNAPSHOT,
     TIMESTAMP,
@@ -218,22 +217,18 @@ class _Loader:
     def _insert(
         self, number: int, event: Event, hashed: dict[str, Any], hash_: str, state: ScopeState
     ) -> None:
-        self.conn.execute(INSERT_EVENT, event_row(hashed, hash_))
+        if event.message_id is not None and event.message_digest is None:
+            raise BadLine(number, f"event {event.event_id}: message_id without message_digest")
+        try:
+            self.conn.execute(INSERT_EVENT, event_row(hashed, hash_))
+        except sqlite3.IntegrityError:  # events_by_message: the idempotency key is unique
+            raise BadLine(
+                number, f"event {event.event_id}: message id {event.message_id!r} used twice"
+            ) from None
         if event.snapshot:
             self.conn.execute(
                 INSERT_SNAPSHOT, (event.event_id, event.bid_year, event.area, state_text(state))
             )
-        if event.message_id is None:
-            return
-        if event.message_digest is None:
-            raise BadLine(number, f"event {event.event_id}: message_id without message_digest")
-        ack = (event.message_id, event.message_digest, event.event_id, event.seq)
-        try:
-            self.conn.execute(INSERT_ACK, (*ack, event.recorded_at))
-        except sqlite3.IntegrityError:
-            raise BadLine(
-                number, f"event {event.event_id}: message id {event.message_id!r} used twice"
-            ) from None
 
 
 def _parse(number: int, raw: bytes) -> dict[str, Any]:

@@ -150,7 +150,7 @@ def acks(conn: sqlite3.Connection, message_ids: list[str]) -> dict[str, Ack]:
     for start in range(0, len(message_ids), 500):  # stay under SQLite's variable limit
         chunk = message_ids[start : start + 500]
         rows = conn.execute(
-            "SELECT message_id, digest, event_id, seq, recorded_at FROM acks "
+            "SELECT message_id, message_digest, event_id, seq, recorded_at FROM events "
             f"WHERE message_id IN ({', '.join('?' * len(chunk))})",
             chunk,
         ).fetchall()

@@ -27,9 +27,6 @@ EVENT_COLUMNS = (
 )
 INSERT_EVENT = f"INSERT INTO events ({EVENT_COLUMNS}) VALUES ({', '.join('?' * 17)})"
 INSERT_SNAPSHOT = "INSERT INTO snapshots (event_id, bid_year, area, state) VALUES (?, ?, ?, ?)"
-INSERT_ACK = (
-    "INSERT INTO acks (message_id, digest, event_id, seq, recorded_at) VALUES (?, ?, ?, ?, ?)"
-)
 TIMESTAMP = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z\Z")
 
 Row = tuple[Any, ...]
@@ -58,7 +55,6 @@ class Encoded(msgspec.Struct, frozen=True):
 
     events: list[Row]
     snapshots: list[Row]
-    acks: list[Row]
     head: Head
 
 
@@ -74,9 +70,9 @@ def encode_batch(batch: Batch, head: Head) -> Encoded:
         events.append(row)
         if event.snapshot:
             snapshots.append(snapshot_row(event, entry.state))
-    first = events[0][0] if events else head.event_id + 1
-    acks = [ack_row(ack, first, head.event_id) for ack in batch.acks]
-    return Encoded(events, snapshots, acks, head)
+    for ack in batch.acks:
+        check_ack(ack, batch)
+    return Encoded(events, snapshots, head)
 
 
 def _check_continues(event: Event, head: Head) -> None:
@@ -168,10 +164,17 @@ def state_text(state: ScopeState) -> str:
     return canonical(state).decode()
 
 
-def ack_row(ack: Ack, first: int, last: int) -> Row:
-    if not first <= ack.event_id <= last:
+def check_ack(ack: Ack, batch: Batch) -> None:
+    """An acknowledgement is stored as its event row: it must be exactly that event's."""
+    entries = batch.entries
+    first = entries[0].event.event_id if entries else 0
+    index = ack.event_id - first
+    event = entries[index].event if entries and 0 <= index < len(entries) else None
+    if event is None:
         raise InvalidBatch(f"ack {ack.message_id!r} names event {ack.event_id}, not in batch")
-    return (ack.message_id, ack.digest, ack.event_id, ack.seq, ack.recorded_at)
+    stored = (event.message_id, event.message_digest, event.seq, event.recorded_at)
+    if stored != (ack.message_id, ack.digest, ack.seq, ack.recorded_at):
+        raise InvalidBatch(f"ack {ack.message_id!r} does not match event {ack.event_id}")
 
 
 def _nullable_json(text: str | None) -> Any:

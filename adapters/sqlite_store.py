@@ -24,7 +24,7 @@ from typing import Any, Protocol, TypeVar
 import aiosqlite
 
 from adapters import sqlite_reads as reads
-from adapters.sqlite_rows import INSERT_ACK, INSERT_EVENT, INSERT_SNAPSHOT, Head, Row, encode_batch
+from adapters.sqlite_rows import INSERT_EVENT, INSERT_SNAPSHOT, Head, Row, encode_batch
 from adapters.sqlite_schema import (
     DatabaseLocked,
     InvalidBatch,
@@ -68,9 +68,10 @@ class FailAt:
     """Fault injection: statement ``at`` of an append raises ``sqlite3.OperationalError``.
 
     Statements are numbered from 1 within each append: one per event row, then one per
-    snapshot row, one per ack row, and last the COMMIT. The first ``skip`` appends pass,
-    then ``times`` appends fail. ``FailAt(0)`` never fails and only counts: ``seen`` is
-    the number of statements the last append reached, ``appends`` how many began.
+    snapshot row, and last the COMMIT (an ack is stored as its event row). The first
+    ``skip`` appends pass, then ``times`` appends fail. ``FailAt(0)`` never fails and only
+    counts: ``seen`` is the number of statements the last append reached, ``appends`` how
+    many began.
     """
 
     def __init__(self, at: int, *, times: int = 1, skip: int = 0) -> None:
@@ -205,7 +206,6 @@ class SqliteStore:
             conn.execute("BEGIN IMMEDIATE")
             conn.executemany(INSERT_EVENT, statements.each(encoded.events, "insert event"))
             conn.executemany(INSERT_SNAPSHOT, statements.each(encoded.snapshots, "snapshot"))
-            conn.executemany(INSERT_ACK, statements.each(encoded.acks, "insert ack"))
             statements.before("commit")
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
@@ -280,7 +280,7 @@ class SqliteStore:
         """``{events, snapshots}``; raises ``IntegrityError`` naming the first bad event.
 
         Checks the chain end to end, recomputes every snapshot by replay from the
-        previous one, and the acks and snapshot rows against their events; one hop per
+        previous one, and the snapshot rows against their events; one hop per
         chunk of events, so appends can interleave (the pass stops at the head it saw
         first).
         """

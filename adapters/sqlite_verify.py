@@ -1,4 +1,4 @@
-"""``verify``: the hash chain end to end, every snapshot recomputed, acks and snapshots
+"""``verify``: the hash chain end to end, every snapshot recomputed, snapshot rows
 consistent with their events. Streams the log in chunks; holds one state per scope."""
 
 from __future__ import annotations
@@ -21,12 +21,6 @@ SELECT s.event_id FROM snapshots s LEFT JOIN events e ON e.event_id = s.event_id
 WHERE e.event_id IS NULL OR e.snapshot = 0 OR e.bid_year != s.bid_year OR e.area != s.area
 ORDER BY s.event_id LIMIT 1
 """
-_BAD_ACK = """
-SELECT a.event_id FROM acks a LEFT JOIN events e ON e.event_id = a.event_id
-WHERE e.event_id IS NULL OR e.message_id IS NOT a.message_id
-   OR e.message_digest IS NOT a.digest OR e.seq != a.seq OR e.recorded_at != a.recorded_at
-ORDER BY a.event_id LIMIT 1
-"""
 
 
 class Verifier:
@@ -42,17 +36,10 @@ class Verifier:
         self.late: tuple[int, str] | None = None
 
     def start(self, conn: sqlite3.Connection) -> None:
-        """Fix the end of the pass and find bad rows of the side tables up front."""
+        """Fix the end of the pass and find stray snapshot rows up front."""
         self.upto = head(conn).event_id
-        found = [
-            (row[0], message)
-            for query, message in (
-                (_STRAY_SNAPSHOT, "a snapshot does not match its event"),
-                (_BAD_ACK, "an idempotency record does not match its event"),
-            )
-            if (row := conn.execute(query).fetchone()) is not None
-        ]
-        self.late = min(found, default=None)
+        row = conn.execute(_STRAY_SNAPSHOT).fetchone()
+        self.late = None if row is None else (row[0], "a snapshot does not match its event")
 
     def step(self, conn: sqlite3.Connection) -> bool:
         """Check the next chunk; False once the whole log is checked."""

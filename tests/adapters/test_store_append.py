@@ -47,10 +47,11 @@ async def events_of(store: SqliteStore) -> list[dict[str, Any]]:
 
 
 def table_counts(db: Path) -> tuple[int, int, int]:
+    """Events, snapshots, and idempotency records (events that carry a message id)."""
     with sqlite3.connect(db) as conn:
         return tuple(
-            conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
-            for table in ("events", "snapshots", "acks")
+            conn.execute(f"SELECT count(*) FROM {where}").fetchone()[0]
+            for where in ("events", "snapshots", "events WHERE message_id IS NOT NULL")
         )
 
 
@@ -195,7 +196,10 @@ async def test_a_constraint_failure_is_persistence_failed_and_changes_nothing(
     batch = await driver.decide([register("AB")], step=None)
     first = driver.entries[0].event.message_id
     assert first is not None
-    clash = Batch(batch.entries, (msgspec.structs.replace(batch.acks[0], message_id=first),))
+    # The idempotency key is unique (events_by_message): reusing one fails the insert.
+    event = msgspec.structs.replace(batch.entries[0].event, message_id=first)
+    ack = msgspec.structs.replace(batch.acks[0], message_id=first)
+    clash = Batch((msgspec.structs.replace(batch.entries[0], event=event),), (ack,))
     with pytest.raises(PersistenceFailed) as caught:
         await store.append(clash)
     assert caught.value.details["retryable"] is True
@@ -227,7 +231,7 @@ async def test_a_fault_at_any_statement_leaves_everything_unchanged(tmp_path: Pa
     await store.close()
     rows = len(probe.entries), sum(e.event.snapshot for e in probe.entries), len(probe.acks)
     assert rows[1] >= 3 and rows[0] > rows[2], "batch must hold snapshots and an auto checkpoint"
-    statements = sum(rows) + 1  # every row insert, then the COMMIT
+    statements = rows[0] + rows[1] + 1  # every event and snapshot insert, then the COMMIT
     counter = FailAt(0)
     shutil.copyfile(base, tmp_path / "count.sqlite3")
     store = await SqliteStore.open(tmp_path / "count.sqlite3", fault=counter)
@@ -262,8 +266,8 @@ async def test_fault_hook_counts_statements_and_can_skip_appends(tmp_path: Path)
     fault = FailAt(2, skip=1)
     store = await SqliteStore.open(tmp_path / "db.sqlite3", fault=fault)
     driver = Driver(store)
-    await driver.run(create(), register("AB"))  # 2 events + 2 acks + commit; skipped
-    assert (fault.appends, fault.seen, fault.fired) == (1, 5, 0)
+    await driver.run(create(), register("AB"))  # 2 events + commit; skipped
+    assert (fault.appends, fault.seen, fault.fired) == (1, 3, 0)
     with pytest.raises(PersistenceFailed):
         await driver.run(register("CD"))
     assert (fault.appends, fault.fired) == (2, 1)

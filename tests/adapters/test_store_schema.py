@@ -49,7 +49,7 @@ async def test_new_database_is_wal_with_the_schema_version(tmp_path: Path) -> No
     tables = {
         row[0] for row in sqlite3.connect(db).execute("SELECT name FROM sqlite_schema").fetchall()
     }
-    assert {"events", "snapshots", "acks"} <= tables
+    assert {"events", "snapshots", "events_by_message"} <= tables
 
 
 async def test_reopening_keeps_the_schema(tmp_path: Path) -> None:
@@ -113,8 +113,7 @@ async def test_synchronous_option_reaches_sqlite(tmp_path: Path, option: str, le
         "DELETE FROM events WHERE event_id = 14",
         "UPDATE snapshots SET state = '{}'",
         "DELETE FROM snapshots",
-        "UPDATE acks SET digest = 'x'",
-        "DELETE FROM acks",
+        "UPDATE events SET message_digest = 'x'",
     ],
 )
 async def test_triggers_refuse_update_and_delete(tmp_path: Path, statement: str) -> None:

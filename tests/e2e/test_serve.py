@@ -232,3 +232,22 @@ def test_tampered_tail_fails_the_startup_integrity_check(tmp_path: Path) -> None
     assert done.returncode == 1
     assert b"integrity check failed at event 10" in done.stderr
     assert done.stdout == b""
+
+
+def test_sigterm_on_stdin_answers_what_was_read_then_exits_0(tmp_path: Path) -> None:
+    db = tmp_path / "b.sqlite3"
+    proc = subprocess.Popen(
+        [str(BIN), "serve", "--db", str(db)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
+    assert proc.stdin is not None and proc.stdout is not None
+    proc.stdin.write(line(create_area()) + line(register("AB")))
+    proc.stdin.flush()
+    first = [proc.stdout.readline(), proc.stdout.readline()]
+    proc.send_signal(signal.SIGTERM)  # stdin stays open and idle
+    assert proc.wait(20) == 0
+    proc.stdin.close()
+    proc.stdout.close()
+    assert all(r["ok"] for r in replies(b"".join(first)))

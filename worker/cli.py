@@ -14,7 +14,6 @@ import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any
 
 import anyio
 
@@ -22,7 +21,7 @@ from adapters import codec
 from adapters.transports import StdioStream, TransportError, UnixListener, bind_unix
 from domain.errors import DomainError
 from domain.state import render
-from worker import logs
+from worker import logs, tools
 from worker.bootstrap import FatalError, Settings, open_store, serving
 from worker.pipeline import Worker
 
@@ -65,17 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     _scope_options(timeline)
     timeline.add_argument("--after-event", type=_natural, default=0, metavar="N")
     timeline.set_defaults(handler=run_timeline)
-    _add_tools(sub, common)
+    tools.add_commands(sub, common)  # replay, export, import, verify, backup
     return parser
-
-
-def _add_tools(sub: Any, common: argparse.ArgumentParser) -> None:
-    """Operator tools (replay, export, import, verify, backup) live in ``worker.tools``."""
-    try:
-        from worker import tools
-    except ImportError:  # pragma: no cover - tools not built yet
-        return
-    tools.add_commands(sub, common)
 
 
 def _common_options() -> argparse.ArgumentParser:

@@ -35,7 +35,7 @@ from adapters.sqlite_schema import (
     prepare_reader,
     prepare_writer,
 )
-from adapters.sqlite_verify import Verifier
+from adapters.sqlite_verify import Verifier, check_tail
 from domain.errors import PersistenceFailed
 from domain.records import Ack, Batch, Recovered
 from domain.state import ScopeKey, ScopeState
@@ -275,6 +275,10 @@ class SqliteStore:
             if len(rows) < EXPORT_CHUNK:
                 return
             after_event = rows[-1][0]
+
+    async def check_tail(self, count: int = 1000) -> None:
+        """Raise ``IntegrityError`` unless the newest ``count`` events chain to the head."""
+        await self._read(check_tail, count)
 
     async def verify(self) -> dict[str, int]:
         """``{events, snapshots}``; raises ``IntegrityError`` naming the first bad event.

@@ -121,3 +121,20 @@ class Verifier:
 
 def _fail(event_id: int, message: str) -> NoReturn:
     raise IntegrityError(message, event_id=event_id)
+
+
+def check_tail(conn: sqlite3.Connection, count: int) -> None:
+    """The newest ``count`` events must chain-hash to the head (a quick check for start-up;
+    ``Verifier`` checks the whole log and every snapshot)."""
+    upto = head(conn).event_id
+    rows = events_after(conn, max(0, upto - count), count)
+    prev: str | None = None
+    for row in rows:
+        obj = event_dict(row)
+        stored = obj.pop("hash")
+        if (prev is not None and obj["prev_hash"] != prev) or chain_hash(
+            obj["prev_hash"], obj
+        ) != stored:
+            message = f"integrity check failed at event {row[0]}; run `bidlog verify`"
+            _fail(row[0], message)
+        prev = stored

@@ -53,9 +53,6 @@ class ScopeState(msgspec.Struct, frozen=True, weakref=True):
     def key(self) -> ScopeKey:
         return (self.bid_year, self.area)
 
-    def user(self, initials: str) -> User | None:
-        return next((u for u in self.users if u.initials == initials), None)
-
     def open_round(self) -> Round | None:
         return next((r for r in self.rounds if r.status == "open"), None)
 

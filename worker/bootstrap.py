@@ -8,7 +8,6 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from adapters.canonical import chain_hash
 from adapters.clock import SystemClock
 from adapters.sqlite_store import SqliteStore
 from domain.ledger import Ledger
@@ -46,24 +45,6 @@ async def open_store(settings: Settings, *, writer: bool) -> SqliteStore:
         raise FatalError(f"cannot open {settings.db}: {exc}") from exc
 
 
-async def check_tail(store: SqliteStore, head: int, count: int = TAIL_CHECK) -> None:
-    """The startup integrity check: the newest ``count`` events must chain-hash to the
-    head. (``bidlog verify`` checks the whole log and every snapshot; too slow to run
-    at every start of a large log.)"""
-    prev: str | None = None
-    async for event in store.iter_events(max(0, head - count)):
-        event.pop("state", None)
-        stored = event.pop("hash")
-        if (prev is not None and event["prev_hash"] != prev) or chain_hash(
-            event["prev_hash"], event
-        ) != stored:
-            raise FatalError(
-                f"startup integrity check failed at event {event['event_id']} of "
-                f"{store.path}; run `bidlog verify` and see docs/operations.md"
-            )
-        prev = stored
-
-
 @asynccontextmanager
 async def serving(settings: Settings, clock: Clock | None = None) -> AsyncIterator[Worker]:
     """Open the store, recover every scope, and run a worker until the block exits."""
@@ -71,9 +52,8 @@ async def serving(settings: Settings, clock: Clock | None = None) -> AsyncIterat
     try:
         try:
             recovered = await store.recover()
-            await check_tail(store, recovered.head_event)
-        except FatalError:
-            raise
+            # Start-up integrity check: the tail of the chain (bidlog verify does it all).
+            await store.check_tail(TAIL_CHECK)
         except Exception as exc:
             raise FatalError(f"cannot recover {settings.db}: {exc}") from exc
         ledger = Ledger(recovered, checkpoint_every=settings.checkpoint_every)

@@ -147,3 +147,20 @@ async def test_the_writer_notices_a_truncated_head(tmp_path: Path) -> None:
         await reader.close()
     finally:
         await store.close()
+
+
+async def test_check_tail_catches_a_changed_recent_event_and_passes_a_clean_log(
+    tmp_path: Path,
+) -> None:
+    db = tmp_path / "db.sqlite3"
+    await build(db)
+    store = await SqliteStore.open(db, writer=False)
+    try:
+        await store.check_tail(5)
+        tamper(db, 'UPDATE events SET cause = \'{"id":"x"}\' WHERE event_id = 12')
+        with pytest.raises(IntegrityError, match="failed at event 12") as caught:
+            await store.check_tail(5)
+        assert caught.value.details == {"event_id": 12}
+        await store.check_tail(1)  # event 12 lies outside the newest one
+    finally:
+        await store.close()

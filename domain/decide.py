@@ -6,8 +6,8 @@ delta is enough for ``evolve`` to replay it.
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
@@ -30,22 +30,20 @@ from domain.events import SNAPSHOT_ACTIONS, Event
 from domain.state import Bid, Round, ScopeState, User
 
 
-@dataclass(frozen=True)
-class Context:
+class Context(msgspec.Struct, frozen=True):
     """What the core needs from outside: ids and time to stamp, and facts held elsewhere."""
 
     event_id: int
     recorded_at: str
     message_digest: str | None = None
-    other_initials: Mapping[str, str] = field(default_factory=dict)
+    other_initials: Mapping[str, str] = msgspec.field(default_factory=dict)
     rollback_target: ScopeState | None = None
 
 
-@dataclass(frozen=True)
-class Delta:
+class Delta(msgspec.Struct, frozen=True):
     before: Any = None
     after: Any = None
-    detail: dict[str, Any] = field(default_factory=dict)
+    detail: dict[str, Any] = msgspec.field(default_factory=dict)
 
 
 def decide(state: ScopeState | None, command: Command, context: Context) -> Event:
@@ -94,7 +92,12 @@ def user_data(user: User) -> dict[str, Any]:
 def bid_data(bid: Bid | None) -> dict[str, Any] | None:
     if bid is None:
         return None
-    return {"initials": bid.initials, "days": [d.isoformat() for d in sorted(bid.days)]}
+    return {"initials": bid.initials, "days": _iso(bid.days)}
+
+
+def _iso(days: tuple[dt.date, ...]) -> list[str]:
+    """Days (ascending, as a ``Bid`` holds them) as ISO strings."""
+    return [day.isoformat() for day in days]
 
 
 def scope_data(state: ScopeState) -> dict[str, Any]:
@@ -131,12 +134,12 @@ def _open_round(state: ScopeState, cmd: OpenRound, ctx: Context) -> Delta:
 def _submit(state: ScopeState, cmd: SubmitBid, ctx: Context) -> Delta:
     rules.require_user(state, cmd.initials)
     current = rules.require_open_round(state, cmd.round)
-    rules.check_days_available(state, current, cmd.initials, cmd.days)
+    days = tuple(sorted(cmd.days))
+    rules.check_days_available(state, current, cmd.initials, days)
     old = index.bids_by_initials(current).get(cmd.initials)
-    new = Bid(cmd.initials, tuple(sorted(cmd.days)))
     return Delta(
         before={"round": cmd.round, "bid": bid_data(old)},
-        after={"round": cmd.round, "bid": bid_data(new)},
+        after={"round": cmd.round, "bid": {"initials": cmd.initials, "days": _iso(days)}},
     )
 
 

@@ -20,10 +20,9 @@ AUTO_CHECKPOINT_CAUSE = Cause(id="auto-checkpoint", description="automatic check
 def evolve(state: ScopeState | None, event: Event) -> ScopeState:
     """The scope's state after ``event``; ``state`` is None only before ``create_area``."""
     if event.action == "create_area" or state is None:
-        base = ScopeState(bid_year=event.bid_year, area=event.area)
-    else:
-        base = _EVOLVERS[event.action](state, event.before, event.after)
-    new = msgspec.structs.replace(base, seq=event.seq, head_event=event.event_id)
+        return ScopeState(event.bid_year, event.area, event.seq, event.event_id)
+    changes = _EVOLVERS[event.action](state, event.before, event.after)
+    new = msgspec.structs.replace(state, seq=event.seq, head_event=event.event_id, **changes)
     index.carry_users(state, new)
     return new
 
@@ -55,49 +54,49 @@ def auto_checkpoint(state: ScopeState, *, event_id: int, recorded_at: str) -> Ev
     )
 
 
-def _put_user(state: ScopeState, before: Any, after: Any) -> ScopeState:
+# Each evolver returns the fields of the state that the event changes.
+Changes = dict[str, Any]
+
+
+def _put_user(state: ScopeState, before: Any, after: Any) -> Changes:
     user = msgspec.convert(after["user"], User)
-    return msgspec.structs.replace(state, users=_put_sorted(state.users, user.initials, user))
+    return {"users": _put_sorted(state.users, user.initials, user)}
 
 
-def _add_round(state: ScopeState, before: Any, after: Any) -> ScopeState:
+def _add_round(state: ScopeState, before: Any, after: Any) -> Changes:
     rnd = msgspec.convert(after["round"], Round)
-    rounds = tuple(sorted((*state.rounds, rnd), key=lambda r: r.round))
-    return msgspec.structs.replace(state, rounds=rounds)
+    return {"rounds": tuple(sorted((*state.rounds, rnd), key=lambda r: r.round))}
 
 
-def _put_bid(state: ScopeState, before: Any, after: Any) -> ScopeState:
+def _put_bid(state: ScopeState, before: Any, after: Any) -> Changes:
     number: int = after["round"]
     new = None if after["bid"] is None else msgspec.convert(after["bid"], Bid)
     initials: str = new.initials if new is not None else before["bid"]["initials"]
+    rounds = list(state.rounds)
+    for i, rnd in enumerate(rounds):
+        if rnd.round == number:
+            rounds[i] = msgspec.structs.replace(rnd, bids=_put_sorted(rnd.bids, initials, new))
+            index.carry_bid(rnd, rounds[i], index.bids_by_initials(rnd).get(initials), new)
+    return {"rounds": tuple(rounds)}
 
-    def change(rnd: Round) -> Round:
-        changed = msgspec.structs.replace(rnd, bids=_put_sorted(rnd.bids, initials, new))
-        index.carry_bid(rnd, changed, index.bids_by_initials(rnd).get(initials), new)
-        return changed
 
-    return _map_round(state, number, change)
-
-
-def _set_status(state: ScopeState, before: Any, after: Any) -> ScopeState:
-    return _map_round(
-        state, after["round"], lambda r: msgspec.structs.replace(r, status=after["status"])
+def _set_status(state: ScopeState, before: Any, after: Any) -> Changes:
+    number, status = after["round"], after["status"]
+    rounds = (
+        msgspec.structs.replace(r, status=status) if r.round == number else r for r in state.rounds
     )
+    return {"rounds": tuple(rounds)}
 
 
-def _map_round(state: ScopeState, number: int, change: Callable[[Round], Round]) -> ScopeState:
-    rounds = tuple(change(r) if r.round == number else r for r in state.rounds)
-    return msgspec.structs.replace(state, rounds=rounds)
+def _unchanged(state: ScopeState, before: Any, after: Any) -> Changes:
+    return {}
 
 
-def _unchanged(state: ScopeState, before: Any, after: Any) -> ScopeState:
-    return state
-
-
-def _restore(state: ScopeState, before: Any, after: Any) -> ScopeState:
-    users = msgspec.convert(after["users"], tuple[User, ...])
-    rounds = msgspec.convert(after["rounds"], tuple[Round, ...])
-    return msgspec.structs.replace(state, users=users, rounds=rounds)
+def _restore(state: ScopeState, before: Any, after: Any) -> Changes:
+    return {
+        "users": msgspec.convert(after["users"], tuple[User, ...]),
+        "rounds": msgspec.convert(after["rounds"], tuple[Round, ...]),
+    }
 
 
 _initials = attrgetter("initials")
@@ -114,7 +113,7 @@ def _put_sorted(items: tuple[T, ...], initials: str, item: T | None) -> tuple[T,
     return head + (item,) + rest if item is not None else head + rest  # noqa: RUF005
 
 
-_EVOLVERS: dict[str, Callable[[ScopeState, Any, Any], ScopeState]] = {
+_EVOLVERS: dict[str, Callable[[ScopeState, Any, Any], Changes]] = {
     "register_user": _put_user,
     "update_user": _put_user,
     "open_round": _add_round,

@@ -1,88 +1,73 @@
-"""Lookups derived from immutable state, remembered per object (pure; no I/O).
+"""Lookups derived from immutable state, kept on the object they derive from (pure).
 
 States are immutable, so anything computed from one object stays true for its life.
-Memoizing by identity (with a weak reference, so nothing outlives its object) turns the
-per-command scans of users and bids into dictionary lookups, and ``evolve`` carries an
-index forward to the next object by a small update instead of a rebuild.
+``Round`` and ``ScopeState`` are declared with ``dict=True``: msgspec gives them a
+``__dict__`` for attributes that are not fields, which encoding, equality and
+``replace`` all ignore. An index lives there, is built on first use, dies with its
+object, and ``evolve`` hands the next object an index updated by the one change
+instead of a rebuild. That turns per-command scans of users and bids into dictionary
+lookups.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import weakref
 from collections import Counter
-from collections.abc import Callable
-from typing import Generic, TypeVar
 
 from domain.state import Bid, Round, ScopeState, User
 
-K = TypeVar("K")
-V = TypeVar("V")
+_USERS = "_users_by_initials"
+_BIDS = "_bids_by_initials"
+_DAYS = "_day_counts"
 
 
-class Memo(Generic[K, V]):
-    """``memo(obj)`` derives a value from ``obj`` once and remembers it while ``obj`` lives."""
-
-    def __init__(self, derive: Callable[[K], V]) -> None:
-        self._derive = derive
-        self._items: dict[int, tuple[weakref.ref[K], V]] = {}
-
-    def __call__(self, obj: K) -> V:
-        found = self.peek(obj)
-        if found is None:
-            found = self._derive(obj)
-            self.put(obj, found)
-        return found
-
-    def peek(self, obj: K) -> V | None:
-        entry = self._items.get(id(obj))
-        return entry[1] if entry is not None and entry[0]() is obj else None
-
-    def put(self, obj: K, value: V) -> None:
-        key = id(obj)
-        items = self._items
-        items[key] = (weakref.ref(obj, lambda _: items.pop(key, None)), value)
+def users_by_initials(state: ScopeState) -> dict[str, User]:
+    found: dict[str, User] | None = state.__dict__.get(_USERS)
+    if found is None:
+        found = state.__dict__[_USERS] = {u.initials: u for u in state.users}
+    return found
 
 
-def _users(state: ScopeState) -> dict[str, User]:
-    return {u.initials: u for u in state.users}
+def bids_by_initials(rnd: Round) -> dict[str, Bid]:
+    found: dict[str, Bid] | None = rnd.__dict__.get(_BIDS)
+    if found is None:
+        found = rnd.__dict__[_BIDS] = {b.initials: b for b in rnd.bids}
+    return found
 
 
-def _bids(rnd: Round) -> dict[str, Bid]:
-    return {b.initials: b for b in rnd.bids}
-
-
-def _days(rnd: Round) -> dict[dt.date, int]:
-    return dict(Counter(day for bid in rnd.bids for day in bid.days))
-
-
-users_by_initials: Memo[ScopeState, dict[str, User]] = Memo(_users)
-bids_by_initials: Memo[Round, dict[str, Bid]] = Memo(_bids)
-day_counts: Memo[Round, dict[dt.date, int]] = Memo(_days)
+def day_counts(rnd: Round) -> dict[dt.date, int]:
+    """How many bids of ``rnd`` hold each day."""
+    found: dict[dt.date, int] | None = rnd.__dict__.get(_DAYS)
+    if found is None:
+        found = rnd.__dict__[_DAYS] = dict(Counter(d for bid in rnd.bids for d in bid.days))
+    return found
 
 
 def carry_users(old: ScopeState | None, new: ScopeState) -> None:
     """``new`` has the same users as ``old``: share its index instead of rebuilding."""
     if old is not None and old.users is new.users:
-        found = users_by_initials.peek(old)
+        found = old.__dict__.get(_USERS)
         if found is not None:
-            users_by_initials.put(new, found)
+            new.__dict__[_USERS] = found
 
 
 def carry_bid(old: Round, new: Round, before: Bid | None, after: Bid | None) -> None:
     """``new`` is ``old`` with one user's bid changed from ``before`` to ``after``."""
-    bids, counts = bids_by_initials.peek(old), day_counts.peek(old)
+    bids: dict[str, Bid] | None = old.__dict__.get(_BIDS)
+    counts: dict[dt.date, int] | None = old.__dict__.get(_DAYS)
     if bids is not None:
-        bids = dict(bids)
-        if after is None and before is not None:
-            bids.pop(before.initials, None)
-        elif after is not None:
+        bids = bids.copy()
+        if after is not None:
             bids[after.initials] = after
-        bids_by_initials.put(new, bids)
+        elif before is not None:
+            del bids[before.initials]
+        new.__dict__[_BIDS] = bids
     if counts is not None:
         counts = counts.copy()
-        for day in before.days if before is not None else ():
-            counts[day] -= 1
-        for day in after.days if after is not None else ():
-            counts[day] = counts.get(day, 0) + 1
-        day_counts.put(new, counts)
+        if before is not None:
+            for day in before.days:
+                counts[day] -= 1
+        if after is not None:
+            for day in after.days:
+                counts[day] = counts.get(day, 0) + 1
+        new.__dict__[_DAYS] = counts

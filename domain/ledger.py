@@ -19,7 +19,7 @@ from domain.state import ScopeKey, ScopeState, User
 
 def format_timestamp(moment: dt.datetime) -> str:
     """RFC 3339 in UTC with microseconds and ``Z``."""
-    return moment.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return moment.astimezone(dt.UTC).replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
 
 
 class Ledger:

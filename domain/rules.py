@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 
 import msgspec
 
@@ -130,16 +130,26 @@ def require_open_round(state: ScopeState, number: int) -> Round:
 def check_days_available(
     state: ScopeState, current: Round, initials: str, days: tuple[dt.date, ...]
 ) -> None:
-    held = _held_days(state, initials)
-    for day in sorted(days):
-        if day in held:
-            raise errors.DayAlreadyHeld(
-                f"{initials} already holds {day.isoformat()} from round {held[day]}",
-                day=day.isoformat(),
-                round=held[day],
-            )
-    for day in sorted(days):
-        if _taken(state, current, initials, day) >= current.max_per_day:
+    """``days`` (ascending) are neither held from a finalized round nor full in ``current``."""
+    finalized = [r for r in state.rounds if r.status == "finalized"]
+    if finalized:
+        held = _held_days(finalized, initials)
+        for day in days:
+            if day in held:
+                raise errors.DayAlreadyHeld(
+                    f"{initials} already holds {day.isoformat()} from round {held[day]}",
+                    day=day.isoformat(),
+                    round=held[day],
+                )
+    counts = index.day_counts(current)
+    own = index.bids_by_initials(current).get(initials)
+    own_days = own.days if own is not None else ()
+    for day in days:
+        # Holders of the day: other users' bids in this round, plus finalized rounds.
+        taken = counts.get(day, 0) - (day in own_days)
+        for rnd in finalized:
+            taken += index.day_counts(rnd).get(day, 0)
+        if taken >= current.max_per_day:
             raise errors.DayFull(
                 f"{day.isoformat()} is full ({current.max_per_day} per day)",
                 day=day.isoformat(),
@@ -147,26 +157,13 @@ def check_days_available(
             )
 
 
-def _held_days(state: ScopeState, initials: str) -> dict[dt.date, int]:
+def _held_days(finalized: list[Round], initials: str) -> dict[dt.date, int]:
     held: dict[dt.date, int] = {}
-    for rnd in _finalized(state):
+    for rnd in finalized:
         bid = index.bids_by_initials(rnd).get(initials)
         if bid is not None:
             held.update((day, rnd.round) for day in bid.days)
     return held
-
-
-def _taken(state: ScopeState, current: Round, initials: str, day: dt.date) -> int:
-    """Holders of ``day`` from finalized rounds plus other users' bids for it in ``current``."""
-    taken = index.day_counts(current).get(day, 0)
-    own = index.bids_by_initials(current).get(initials)
-    if own is not None and day in own.days:
-        taken -= 1
-    return taken + sum(index.day_counts(rnd).get(day, 0) for rnd in _finalized(state))
-
-
-def _finalized(state: ScopeState) -> Iterator[Round]:
-    return (r for r in state.rounds if r.status == "finalized")
 
 
 def require_bid(current: Round, initials: str) -> Bid:

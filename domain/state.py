@@ -30,7 +30,7 @@ class Bid(msgspec.Struct, frozen=True):
     days: tuple[dt.date, ...]
 
 
-class Round(msgspec.Struct, frozen=True, weakref=True):
+class Round(msgspec.Struct, frozen=True, dict=True):
     """A bidding round; ``bids`` sorted by initials."""
 
     round: int
@@ -39,7 +39,7 @@ class Round(msgspec.Struct, frozen=True, weakref=True):
     bids: tuple[Bid, ...] = ()
 
 
-class ScopeState(msgspec.Struct, frozen=True, weakref=True):
+class ScopeState(msgspec.Struct, frozen=True, dict=True):
     """Everything about one scope; ``seq``/``head_event`` are those of its last event."""
 
     bid_year: int

@@ -30,6 +30,7 @@ import msgspec
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from domain import index as indexes
 from domain.commands import Command, Rollback, Seniority
 from domain.errors import DomainError
 from domain.events import SNAPSHOT_ACTIONS, SYSTEM_ACTOR, Event
@@ -384,9 +385,19 @@ def check_invariants(state: ScopeState) -> None:
         finalized.update(in_round)
 
 
+def check_indexes(state: ScopeState) -> None:
+    """Indexes carried from state to state (domain.index) equal ones built afresh."""
+    assert indexes.users_by_initials(state) == {u.initials: u for u in state.users}
+    for rnd in state.rounds:
+        assert indexes.bids_by_initials(rnd) == {b.initials: b for b in rnd.bids}
+        counts = {day: n for day, n in indexes.day_counts(rnd).items() if n}
+        assert counts == Counter(day for b in rnd.bids for day in b.days)
+
+
 def check_all_invariants(run: Run) -> None:
     for entry in run.entries:
         check_invariants(entry.state)
+        check_indexes(entry.state)
     for year in {k[0] for k in KEYS}:
         users = [
             u.initials

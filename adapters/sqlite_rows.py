@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 import msgspec
 
@@ -18,7 +18,7 @@ from adapters.canonical import ZERO_HASH, canonical
 from adapters.sqlite_schema import InvalidBatch
 from domain.commands import Actor, Cause
 from domain.events import SCHEMA_VERSION, Event
-from domain.records import Ack, Batch
+from domain.records import Batch
 from domain.state import ScopeState
 
 EVENT_COLUMNS = (
@@ -62,28 +62,37 @@ def encode_batch(batch: Batch, head: Head) -> Encoded:
     """Check the batch continues ``head`` and chain-hash it; raise ``InvalidBatch`` if not."""
     events: list[Row] = []
     snapshots: list[Row] = []
+    last_id, prev_hash, last_at = head.event_id, head.hash, head.recorded_at
+    matched = last_at or None  # a time known to be well formed (an empty log has none)
     for entry in batch.entries:
         event = entry.event
-        _check_continues(event, head)
-        row = hashed_row(event, head.hash)
-        head = Head(event.event_id, row[16], event.recorded_at)
+        at = event.recorded_at
+        # Hot loop: a time equal to the last well-formed one needs no regex.
+        if event.event_id != last_id + 1 or at < last_at or (at != matched and not _is_time(at)):
+            _refuse(event, last_id, last_at)
+        row = hashed_row(event, prev_hash)
         events.append(row)
         if event.snapshot:
             snapshots.append(snapshot_row(event, entry.state))
-    for ack in batch.acks:
-        check_ack(ack, batch)
-    return Encoded(events, snapshots, head)
+        last_id, prev_hash, last_at = event.event_id, row[16], at
+        matched = at
+    if batch.acks:
+        _check_acks(batch)
+    return Encoded(events, snapshots, Head(last_id, prev_hash, last_at))
 
 
-def _check_continues(event: Event, head: Head) -> None:
-    if event.event_id != head.event_id + 1:
-        raise InvalidBatch(f"event id {event.event_id} does not follow {head.event_id}")
-    if not TIMESTAMP.match(event.recorded_at):
+def _is_time(value: str) -> bool:
+    return TIMESTAMP.match(value) is not None
+
+
+def _refuse(event: Event, last_id: int, last_at: str) -> NoReturn:
+    if event.event_id != last_id + 1:
+        raise InvalidBatch(f"event id {event.event_id} does not follow {last_id}")
+    if not _is_time(event.recorded_at):
         raise InvalidBatch(f"event {event.event_id}: bad recorded_at {event.recorded_at!r}")
-    if event.recorded_at < head.recorded_at:
-        raise InvalidBatch(
-            f"event {event.event_id}: recorded_at {event.recorded_at} is before {head.recorded_at}"
-        )
+    raise InvalidBatch(
+        f"event {event.event_id}: recorded_at {event.recorded_at} is before {last_at}"
+    )
 
 
 def hashed_row(event: Event, prev_hash: str) -> Row:
@@ -164,17 +173,18 @@ def state_text(state: ScopeState) -> str:
     return canonical(state).decode()
 
 
-def check_ack(ack: Ack, batch: Batch) -> None:
+def _check_acks(batch: Batch) -> None:
     """An acknowledgement is stored as its event row: it must be exactly that event's."""
     entries = batch.entries
     first = entries[0].event.event_id if entries else 0
-    index = ack.event_id - first
-    event = entries[index].event if entries and 0 <= index < len(entries) else None
-    if event is None:
-        raise InvalidBatch(f"ack {ack.message_id!r} names event {ack.event_id}, not in batch")
-    stored = (event.message_id, event.message_digest, event.seq, event.recorded_at)
-    if stored != (ack.message_id, ack.digest, ack.seq, ack.recorded_at):
-        raise InvalidBatch(f"ack {ack.message_id!r} does not match event {ack.event_id}")
+    for ack in batch.acks:
+        index = ack.event_id - first
+        event = entries[index].event if 0 <= index < len(entries) else None
+        if event is None:
+            raise InvalidBatch(f"ack {ack.message_id!r} names event {ack.event_id}, not in batch")
+        stored = (event.message_id, event.message_digest, event.seq, event.recorded_at)
+        if stored != (ack.message_id, ack.digest, ack.seq, ack.recorded_at):
+            raise InvalidBatch(f"ack {ack.message_id!r} does not match event {ack.event_id}")
 
 
 def _nullable_json(text: str | None) -> Any:

@@ -151,10 +151,11 @@ async def test_an_empty_batch_is_a_no_op(tmp_path: Path) -> None:
     await store.close()
 
 
-def _shifted(batch: Batch, **changes: Any) -> Batch:
-    first = batch.entries[0]
-    event = msgspec.structs.replace(first.event, **changes)
-    return Batch((msgspec.structs.replace(first, event=event), *batch.entries[1:]), batch.acks)
+def _shifted(batch: Batch, at: int = 0, **changes: Any) -> Batch:
+    entries = list(batch.entries)
+    event = msgspec.structs.replace(entries[at].event, **changes)
+    entries[at] = msgspec.structs.replace(entries[at], event=event)
+    return Batch(tuple(entries), batch.acks)
 
 
 @pytest.mark.parametrize(
@@ -163,6 +164,7 @@ def _shifted(batch: Batch, **changes: Any) -> Batch:
         (lambda b: _shifted(b, event_id=3), "does not follow"),
         (lambda b: _shifted(b, recorded_at="2026-11-25T19:00:00.000000Z"), "is before"),
         (lambda b: _shifted(b, recorded_at="2026-11-25 20:00:01Z"), "bad recorded_at"),
+        (lambda b: _shifted(b, 1, recorded_at="9999-99-99 later"), "bad recorded_at"),
         (lambda b: Batch(b.entries, (Ack("zz", "d", 99, 1, "t"),)), "not in batch"),
         (lambda b: Batch(b.entries[1:], b.acks), "does not follow"),
     ],
@@ -182,6 +184,15 @@ async def test_a_batch_that_breaks_the_log_is_refused(
     assert table_counts(db) == (1, 0, 1)
     await store.append(batch)
     assert (await store.head()).event_id == 3
+    await store.close()
+
+
+async def test_the_first_event_of_a_log_needs_a_well_formed_time(tmp_path: Path) -> None:
+    store = await SqliteStore.open(tmp_path / "db.sqlite3")
+    batch = await Driver(store).decide([create()], step=None)
+    with pytest.raises(InvalidBatch, match="bad recorded_at"):
+        await store.append(_shifted(batch, recorded_at=""))
+    assert (await store.head()).event_id == 0
     await store.close()
 
 

@@ -3,10 +3,9 @@
 States are immutable, so anything computed from one object stays true for its life.
 ``Round`` and ``ScopeState`` are declared with ``dict=True``: msgspec gives them a
 ``__dict__`` for attributes that are not fields, which encoding, equality and
-``replace`` all ignore. An index lives there, is built on first use, dies with its
-object, and ``evolve`` hands the next object an index updated by the one change
-instead of a rebuild. That turns per-command scans of users and bids into dictionary
-lookups.
+``replace`` all ignore. An index lives there and is built on first use; ``evolve``
+hands it on to the next object, updated by the one change, instead of a rebuild. That
+turns per-command scans of users and bids into dictionary lookups.
 """
 
 from __future__ import annotations
@@ -52,18 +51,22 @@ def carry_users(old: ScopeState | None, new: ScopeState) -> None:
 
 
 def carry_bid(old: Round, new: Round, before: Bid | None, after: Bid | None) -> None:
-    """``new`` is ``old`` with one user's bid changed from ``before`` to ``after``."""
-    bids: dict[str, Bid] | None = old.__dict__.get(_BIDS)
-    counts: dict[dt.date, int] | None = old.__dict__.get(_DAYS)
+    """``new`` is ``old`` with one user's bid changed from ``before`` to ``after``.
+
+    The indexes move from ``old`` to ``new`` and are updated in place: a copy would cost
+    time in proportion to the round's bids on every bid. ``old`` then has none, and
+    builds its own again from its fields if it is ever asked (after a failed commit,
+    the ledger's round is the ``old`` one).
+    """
+    bids: dict[str, Bid] | None = old.__dict__.pop(_BIDS, None)
+    counts: dict[dt.date, int] | None = old.__dict__.pop(_DAYS, None)
     if bids is not None:
-        bids = bids.copy()
         if after is not None:
             bids[after.initials] = after
         elif before is not None:
             del bids[before.initials]
         new.__dict__[_BIDS] = bids
     if counts is not None:
-        counts = counts.copy()
         if before is not None:
             for day in before.days:
                 counts[day] -= 1

@@ -43,7 +43,11 @@ class Request:
     outbox: Outbox
 
 
-@dataclass
+Item = codec.Decoded | codec.DecodeFailure
+_READS_LOG = (BaseQuery, Rollback)
+
+
+@dataclass(slots=True)
 class _Reply:
     outbox: Outbox
     data: bytes
@@ -83,26 +87,36 @@ class Applier:
         run = _Run(self.ledger.draft(), known)
         for outbox, item in lines:
             try:
-                await self._handle(run, outbox, item)
+                if isinstance(item, codec.Decoded) and isinstance(item.message, _READS_LOG):
+                    await self._handle_read(run, outbox, item.message, item.digest)
+                else:
+                    self._handle(run, outbox, item)
             except Exception:
                 log.exception("internal error while handling a message")
                 run.replies.append(_Reply(outbox, _internal(item), tentative=False))
         await self._flush(run)
 
-    async def _handle(
-        self, run: _Run, request: Outbox, item: codec.Decoded | codec.DecodeFailure
-    ) -> None:
+    def _handle(self, run: _Run, request: Outbox, item: Item) -> None:
+        """A decode failure or a command that needs nothing from the log (the hot path)."""
         if isinstance(item, codec.DecodeFailure):
             data = codec.error_reply(item.message_id, item.code, item.message, item.details)
             run.replies.append(_Reply(request, data, tentative=False))
             return
-        message = item.message
-        if isinstance(message, BaseQuery):
-            await self._flush(run)
+        command = item.message
+        assert isinstance(command, BaseCommand)
+        self._command(run, request, command, item.digest or "", None)
+
+    async def _handle_read(
+        self, run: _Run, request: Outbox, message: Query | Rollback, digest: str | None
+    ) -> None:
+        """A query or a rollback: both read the log, so what is waiting commits first."""
+        await self._flush(run)
+        if isinstance(message, Rollback):
+            key = (message.bid_year, message.area)
+            target = await self.store.event_state(key, message.to_event)
+            self._command(run, request, message, digest or "", target)
+        else:
             run.replies.append(_Reply(request, await self._query(message), tentative=False))
-            return
-        assert not isinstance(message, BaseQuery)
-        await self._command(run, request, message, item.digest or "")
 
     async def _query(self, query: Query) -> bytes:
         if query.actor is not None and query.actor.role == "system":
@@ -113,14 +127,15 @@ class Applier:
             return _error(query.id, exc)
         return codec.result_reply(query.id, result)
 
-    async def _command(self, run: _Run, request: Outbox, command: Command, digest: str) -> None:
+    def _command(
+        self, run: _Run, request: Outbox, command: Command, digest: str, target: ScopeState | None
+    ) -> None:
         previous = run.known.get(command.id) or run.pending_acks.get(command.id)
         if previous is not None:
             tentative = command.id in run.pending_acks
             data = _repeat(command.id, previous, digest)
             run.replies.append(_Reply(request, data, tentative, command.id))
             return
-        target = await self._rollback_target(run, command)
         try:
             entries = run.draft.apply(
                 command,
@@ -136,13 +151,6 @@ class Applier:
         run.pending_acks[command.id] = ack
         data = codec.ack_reply(command.id, ack.event_id, ack.seq, ack.recorded_at)
         run.replies.append(_Reply(request, data, True, command.id))
-
-    async def _rollback_target(self, run: _Run, command: BaseCommand) -> ScopeState | None:
-        """The state right after ``to_event`` if it is a committed event of the scope."""
-        if not isinstance(command, Rollback):
-            return None
-        await self._flush(run)
-        return await self.store.event_state((command.bid_year, command.area), command.to_event)
 
     async def _flush(self, run: _Run) -> None:
         """Commit the draft (if it holds events), then send every reply waiting so far."""

@@ -37,7 +37,7 @@ from adapters.sqlite_schema import (
 )
 from adapters.sqlite_verify import Verifier, check_tail
 from domain.errors import PersistenceFailed
-from domain.records import Ack, Batch, Recovered
+from domain.records import Ack, Batch, Recovered, StoredAlready
 from domain.state import ScopeKey, ScopeState
 
 __all__ = [
@@ -188,6 +188,8 @@ class SqliteStore:
     async def append(self, batch: Batch) -> None:
         """Commit every event, snapshot and ack of ``batch`` in one transaction, or none.
 
+        Inside the transaction, first look up ``batch.fresh``: if any of those message ids
+        is stored, write nothing and raise ``StoredAlready`` with their records.
         Raises ``InvalidBatch`` (nothing written) if the ids do not continue the head or
         ``recorded_at`` goes back, and ``PersistenceFailed`` if SQLite fails; either way
         the database and the head are as before. If the awaiting task is cancelled, the
@@ -196,7 +198,7 @@ class SqliteStore:
         """
         if self._lock is None:
             raise StoreError(f"{self.path} is open read-only")
-        if batch.entries or batch.acks:
+        if batch.entries or batch.acks or batch.fresh:
             await self._run(self._append_on_thread, batch)
 
     def _append_on_thread(self, conn: sqlite3.Connection, batch: Batch) -> None:
@@ -204,6 +206,10 @@ class SqliteStore:
         statements = _Statements(self.fault)
         try:
             conn.execute("BEGIN IMMEDIATE")
+            known = reads.acks(conn, list(batch.fresh)) if batch.fresh else None
+            if known:
+                conn.execute("ROLLBACK")
+                raise StoredAlready(known)
             conn.executemany(INSERT_EVENT, statements.each(encoded.events, "insert event"))
             conn.executemany(INSERT_SNAPSHOT, statements.each(encoded.snapshots, "snapshot"))
             statements.before("commit")

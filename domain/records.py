@@ -34,10 +34,25 @@ class Entry(msgspec.Struct, frozen=True):
 @dataclass(frozen=True)
 class Batch:
     """Everything one transaction commits: events in ``event_id`` order, their snapshots,
-    and the idempotency records of the commands that produced them."""
+    and the idempotency records of the commands that produced them.
+
+    ``fresh`` names the message ids the batch was decided as new: the transaction first
+    looks them up and, if any is stored already, writes nothing and raises
+    ``StoredAlready``. The caller decides again knowing them (one trip to the store per
+    batch instead of a lookup and then a write)."""
 
     entries: tuple[Entry, ...]
     acks: tuple[Ack, ...] = ()
+    fresh: tuple[str, ...] = ()
+
+
+class StoredAlready(Exception):
+    """Some of a batch's ``fresh`` message ids have idempotency records: nothing was
+    written. ``acks`` holds those records."""
+
+    def __init__(self, acks: dict[str, Ack]) -> None:
+        super().__init__(f"{len(acks)} message ids are stored already")
+        self.acks = acks
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from adapters.transports import TooLarge
 from domain import errors
 from domain.commands import BaseCommand, BaseQuery, Command, Query, Rollback
 from domain.ledger import Draft, Ledger
-from domain.records import Ack, Batch
+from domain.records import Ack, Batch, StoredAlready
 from domain.state import ScopeState
 from worker import queries
 from worker.ports import Clock, Store
@@ -56,17 +56,34 @@ class _Reply:
 
 
 @dataclass
+class _Line:
+    """A line of the current transaction, kept so that it can be decided again."""
+
+    outbox: Outbox
+    item: Item
+    target: ScopeState | None = None  # a rollback's target, read from the log
+    reply: _Reply | None = None  # answered already (a query): kept as it is
+
+
+@dataclass
 class _Run:
     """The working state of one batch of requests."""
 
     draft: Draft
-    known: dict[str, Ack]
+    known: dict[str, Ack] = field(default_factory=dict)  # stored idempotency records
     pending_acks: dict[str, Ack] = field(default_factory=dict)
     replies: list[_Reply] = field(default_factory=list)
+    lines: list[_Line] = field(default_factory=list)  # since the last commit
 
 
 class Applier:
-    """Turns batches of requests into at most a few transactions and ordered replies."""
+    """Turns batches of requests into at most a few transactions and ordered replies.
+
+    Commands are decided as if their message ids were new; the transaction that stores
+    them first checks that (``Batch.fresh``). If some are stored already, nothing is
+    written and the lines are decided again knowing those records, so a repeated
+    command gets its original reply. One trip to the store per batch, not two.
+    """
 
     def __init__(self, store: Store, ledger: Ledger, clock: Clock) -> None:
         self.store = store
@@ -75,48 +92,33 @@ class Applier:
 
     async def process(self, requests: Sequence[Request]) -> None:
         """Handle every line of ``requests`` in order; each gets exactly one reply."""
-        lines = [(r.outbox, _decode(frame)) for r in requests for frame in r.frames]
-        ids = [d.message.id for _, d in lines if isinstance(d, codec.Decoded) and _is_cmd(d)]
-        try:
-            known = await self.store.acks(ids) if ids else {}
-        except Exception:
-            log.exception("idempotency lookup failed; the batch is refused")
-            for outbox, item in lines:
-                outbox.send((_persistence_failed(_message_id(item)), 1))
-            return
-        run = _Run(self.ledger.draft(), known)
-        for outbox, item in lines:
-            try:
+        run = _Run(self.ledger.draft())
+        for request in requests:
+            outbox = request.outbox
+            for frame in request.frames:
+                item = _decode(frame)
                 if isinstance(item, codec.Decoded) and isinstance(item.message, _READS_LOG):
-                    await self._handle_read(run, outbox, item.message, item.digest)
+                    await self._handle_read(run, outbox, item)
                 else:
-                    self._handle(run, outbox, item)
-            except Exception:
-                log.exception("internal error while handling a message")
-                run.replies.append(_Reply(outbox, _internal(item), tentative=False))
+                    self._take(run, _Line(outbox, item))
         await self._flush(run)
 
-    def _handle(self, run: _Run, request: Outbox, item: Item) -> None:
-        """A decode failure or a command that needs nothing from the log (the hot path)."""
-        if isinstance(item, codec.DecodeFailure):
-            data = codec.error_reply(item.message_id, item.code, item.message, item.details)
-            run.replies.append(_Reply(request, data, tentative=False))
-            return
-        command = item.message
-        assert isinstance(command, BaseCommand)
-        self._command(run, request, command, item.digest or "", None)
-
-    async def _handle_read(
-        self, run: _Run, request: Outbox, message: Query | Rollback, digest: str | None
-    ) -> None:
+    async def _handle_read(self, run: _Run, outbox: Outbox, item: codec.Decoded) -> None:
         """A query or a rollback: both read the log, so what is waiting commits first."""
         await self._flush(run)
-        if isinstance(message, Rollback):
-            key = (message.bid_year, message.area)
-            target = await self.store.event_state(key, message.to_event)
-            self._command(run, request, message, digest or "", target)
-        else:
-            run.replies.append(_Reply(request, await self._query(message), tentative=False))
+        message = item.message
+        try:
+            if isinstance(message, Rollback):
+                key = (message.bid_year, message.area)
+                target = await self.store.event_state(key, message.to_event)
+                self._take(run, _Line(outbox, item, target))
+                return
+            assert isinstance(message, BaseQuery)
+            reply = _Reply(outbox, await self._query(message), tentative=False)
+        except Exception:
+            log.exception("internal error while handling a message")
+            reply = _Reply(outbox, _internal(item), tentative=False)
+        self._take(run, _Line(outbox, item, reply=reply))
 
     async def _query(self, query: Query) -> bytes:
         if query.actor is not None and query.actor.role == "system":
@@ -126,6 +128,27 @@ class Applier:
         except errors.DomainError as exc:
             return _error(query.id, exc)
         return codec.result_reply(query.id, result)
+
+    def _take(self, run: _Run, line: _Line) -> None:
+        run.lines.append(line)
+        self._decide(run, line)
+
+    def _decide(self, run: _Run, line: _Line) -> None:
+        """Add the line's reply to the run, deciding its command into the draft."""
+        item = line.item
+        try:
+            if line.reply is not None:
+                run.replies.append(line.reply)
+            elif isinstance(item, codec.DecodeFailure):
+                data = codec.error_reply(item.message_id, item.code, item.message, item.details)
+                run.replies.append(_Reply(line.outbox, data, tentative=False))
+            else:
+                command = item.message
+                assert isinstance(command, BaseCommand)
+                self._command(run, line.outbox, command, item.digest or "", line.target)
+        except Exception:
+            log.exception("internal error while handling a message")
+            run.replies.append(_Reply(line.outbox, _internal(item), tentative=False))
 
     def _command(
         self, run: _Run, request: Outbox, command: Command, digest: str, target: ScopeState | None
@@ -144,6 +167,7 @@ class Applier:
                 rollback_target=target,
             )
         except errors.DomainError as exc:
+            # Tentative too: the id may turn out to be stored (then this is a repeat).
             run.replies.append(_Reply(request, _error(command.id, exc), True, command.id))
             return
         event = entries[0].event
@@ -153,22 +177,47 @@ class Applier:
         run.replies.append(_Reply(request, data, True, command.id))
 
     async def _flush(self, run: _Run) -> None:
-        """Commit the draft (if it holds events), then send every reply waiting so far."""
-        failed = False
-        if run.draft.entries:
-            failed = not await self._commit(run)
+        """Commit the run's lines (checking their ids are new), then send their replies."""
+        while True:
+            fresh = _unchecked_ids(run)
+            try:
+                failed = not await self._store(run, fresh)
+            except StoredAlready as stored:
+                if stored.acks.keys() <= run.known.keys():  # no progress: never loop
+                    log.error("the store repeats known records; the batch is refused")
+                    failed = True
+                    break
+                run.known.update(stored.acks)
+                self._decide_again(run)
+                continue
+            break
         _deliver(run.replies, failed)
         if not failed:
             run.known.update(run.pending_acks)
         run.replies.clear()
         run.pending_acks.clear()
+        run.lines.clear()
         run.draft = self.ledger.draft()
 
-    async def _commit(self, run: _Run) -> bool:
-        batch = Batch(tuple(run.draft.entries), tuple(run.pending_acks.values()))
+    async def _store(self, run: _Run, fresh: tuple[str, ...]) -> bool:
+        """Append the draft (or, with no events, look the ids up); False if that failed."""
+        if not run.draft.entries:
+            if not fresh:
+                return True
+            try:
+                found = await self.store.acks(fresh)
+            except Exception:
+                log.exception("idempotency lookup failed; the batch is refused")
+                return False
+            if found:
+                raise StoredAlready(found)
+            return True
+        batch = Batch(tuple(run.draft.entries), tuple(run.pending_acks.values()), fresh)
         started = time.perf_counter()
         try:
             await self.store.append(batch)
+        except StoredAlready:
+            raise
         except Exception as exc:
             log.error(
                 "commit failed; %d events not stored: %s",
@@ -186,6 +235,26 @@ class Applier:
             },
         )
         return True
+
+    def _decide_again(self, run: _Run) -> None:
+        """Nothing was written: decide the run's lines again, knowing more records."""
+        run.draft = self.ledger.draft()
+        run.pending_acks.clear()
+        run.replies.clear()
+        for line in run.lines:
+            self._decide(run, line)
+
+
+def _unchecked_ids(run: _Run) -> tuple[str, ...]:
+    """The run's command ids (each once) with no known record: the ones to check."""
+    ids: dict[str, None] = {}
+    for line in run.lines:
+        item = line.item
+        if line.reply is None and isinstance(item, codec.Decoded):
+            message_id = item.message.id
+            if message_id not in run.known and isinstance(item.message, BaseCommand):
+                ids[message_id] = None
+    return tuple(ids)
 
 
 def _deliver(replies: list[_Reply], failed: bool) -> None:
@@ -214,10 +283,6 @@ def _decode(frame: bytes | TooLarge) -> codec.Decoded | codec.DecodeFailure:
         return codec.decode(frame)
     except codec.DecodeFailure as failure:
         return failure
-
-
-def _is_cmd(decoded: codec.Decoded) -> bool:
-    return isinstance(decoded.message, BaseCommand)
 
 
 def _repeat(message_id: str, previous: Ack, digest: str) -> bytes:

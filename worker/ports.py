@@ -24,7 +24,10 @@ class Store(Protocol):
         ...
 
     async def append(self, batch: Batch) -> None:
-        """Commit every event, snapshot and ack of ``batch`` in one transaction, or none."""
+        """Commit every event, snapshot and ack of ``batch`` in one transaction, or none.
+
+        Raises ``StoredAlready`` (nothing written) if any of ``batch.fresh`` has an
+        idempotency record, and ``PersistenceFailed`` if the commit fails."""
         ...
 
     async def acks(self, message_ids: Sequence[str]) -> dict[str, Ack]:

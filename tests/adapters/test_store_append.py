@@ -19,7 +19,7 @@ from adapters.sqlite_rows import event_object, event_row, hashed_row
 from adapters.sqlite_store import FailAt, InvalidBatch, SqliteStore
 from domain.errors import PersistenceFailed
 from domain.events import SNAPSHOT_ACTIONS, SYSTEM_ACTOR
-from domain.records import Ack, Batch
+from domain.records import Ack, Batch, StoredAlready
 from domain.state import render
 from tests.adapters.store_support import (
     NORTH,
@@ -74,6 +74,27 @@ async def test_a_batch_survives_reopening(tmp_path: Path) -> None:
     assert len(acks) == 14
     assert acks[before[0]["message_id"]].event_id == 1
     await again.close()
+
+
+async def test_an_append_whose_fresh_ids_are_stored_writes_nothing(tmp_path: Path) -> None:
+    db = tmp_path / "db.sqlite3"
+    store = await SqliteStore.open(db)
+    driver = Driver(store)
+    await driver.run(create())
+    head = await store.head()
+    first_id = driver.entries[0].event.message_id
+    assert first_id is not None
+    stored = (await store.acks([first_id]))[first_id]
+    batch = await driver.decide([register("AB"), register("CD")], step=None)
+    fresh = (batch.acks[0].message_id, stored.message_id, batch.acks[1].message_id)
+    with pytest.raises(StoredAlready) as raised:
+        await store.append(Batch(batch.entries, batch.acks, fresh))
+    assert raised.value.acks == {stored.message_id: stored}
+    assert await store.head() == head
+    assert table_counts(db) == (1, 0, 1)
+    await store.append(Batch(batch.entries, batch.acks, fresh[::2]))
+    assert (await store.head()).event_id == 3
+    await store.close()
 
 
 async def test_acks_hold_the_original_acknowledgement(tmp_path: Path) -> None:

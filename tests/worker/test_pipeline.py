@@ -227,6 +227,38 @@ async def test_duplicates_hold_across_restarts(db: Path) -> None:
     assert [x["head_event"] for x in areas["result"]["areas"]] == [11, 5]
 
 
+async def test_one_batch_mixing_stored_and_new_commands(db: Path) -> None:
+    """The ids are checked in the transaction: a batch holding repeats of stored commands
+    writes nothing at first, is decided again knowing them, and then commits the rest."""
+    async with client_on(db) as client:
+        stored = await client.ask(create_area(id="a1"), register("AB", id="r1"))
+    async with client_on(db) as client:
+        replies = await client.ask(
+            register("AB", id="r1"),  # repeat: would now be duplicate_initials
+            register("CD", id="r2"),  # new
+            create_area(id="a1"),  # repeat: would now be area_exists
+            register("AB", id="r3"),  # new, refused
+            register("CD", id="r2"),  # repeat within the batch
+        )
+        areas = await client.ask_one(msg("list_areas"))
+    assert replies[0] == {**stored[1], "duplicate": True}
+    assert replies[1]["ok"] and replies[1]["event_id"] == 3, "ids stay gap-free"
+    assert replies[2] == {**stored[0], "duplicate": True}
+    assert code(replies[3]) == "duplicate_initials"
+    assert replies[4] == {**replies[1], "duplicate": True}
+    assert areas["result"]["areas"][0]["head_event"] == 3
+
+
+async def test_a_batch_of_repeats_only_writes_nothing(db: Path) -> None:
+    async with client_on(db) as client:
+        stored = await client.ask(create_area(id="a1"), register("AB", id="r1"))
+    async with client_on(db) as client:
+        replies = await client.ask(create_area(id="a1"), register("AB", id="r1"))
+        areas = await client.ask_one(msg("list_areas"))
+    assert replies == [{**r, "duplicate": True} for r in stored]
+    assert areas["result"]["areas"][0]["head_event"] == 2
+
+
 async def test_failed_commands_are_not_remembered(db: Path) -> None:
     async with client_on(db) as client:
         early = await client.ask_one(register("AB", id="r1"))

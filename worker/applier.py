@@ -55,7 +55,7 @@ class _Reply:
     message_id: str | None = None
 
 
-@dataclass
+@dataclass(slots=True)
 class _Line:
     """A line of the current transaction, kept so that it can be decided again."""
 

@@ -19,7 +19,9 @@ from domain.state import ScopeKey, ScopeState, User
 
 def format_timestamp(moment: dt.datetime) -> str:
     """RFC 3339 in UTC with microseconds and ``Z``."""
-    return moment.astimezone(dt.UTC).replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
+    if moment.tzinfo is not dt.UTC:
+        moment = moment.astimezone(dt.UTC)
+    return moment.isoformat(timespec="microseconds")[:-6] + "Z"  # "+00:00" -> "Z"
 
 
 class Ledger:
@@ -106,7 +108,7 @@ class Draft:
         return every > 0 and self.since_snapshot.get(key, 0) >= every
 
     def _other_initials(self, command: Command) -> Mapping[str, str]:
-        if not isinstance(command, RegisterUser | Rollback):
+        if not isinstance(command, (RegisterUser, Rollback)):
             return {}
         return {
             user.initials: area

@@ -3,6 +3,7 @@ proof that persistence changes nothing about what the core decides."""
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,26 @@ async def test_failed_commit_answers_persistence_failed_and_moves_nothing(
     assert after_failure["result"]["users"] == [] and after_failure["result"]["seq"] == 1
     assert (retried["ok"], retried["event_id"], retried.get("duplicate")) == (True, 2, None)
     assert [u["initials"] for u in later["result"]["users"]] == ["AB"]
+
+
+async def test_a_failed_id_check_of_a_batch_without_events_answers_persistence_failed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch whose commands the rules all refused still checks its ids (a refusal of a
+    repeat would be wrong); if that lookup fails, they are answered persistence_failed."""
+
+    async def failing(self: SqliteStore, ids: Any) -> Any:
+        raise sqlite3.OperationalError("injected lookup failure")
+
+    async with client_on(tmp_path / "b.sqlite3") as client:
+        await client.ask_one(create_area())
+        monkeypatch.setattr(SqliteStore, "acks", failing)
+        refused = await client.ask(create_area(id="again"), b"{not json\n")
+        monkeypatch.undo()
+        retried = await client.ask_one(create_area(id="again"))
+    assert refused[0]["error"]["code"] == "persistence_failed"
+    assert refused[1]["error"]["code"] == "malformed_json"
+    assert retried["error"]["code"] == "area_exists"
 
 
 async def test_a_failed_batch_fails_every_command_in_it_and_nothing_else(tmp_path: Path) -> None:

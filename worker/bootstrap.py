@@ -46,6 +46,26 @@ async def open_store(settings: Settings, *, writer: bool) -> SqliteStore:
         raise FatalError(f"cannot open {settings.db}: {exc}") from exc
 
 
+GC_YOUNG = 50_000
+
+
+def tune_gc() -> None:
+    """Set the cyclic garbage collector for a worker, once its start-up state exists.
+
+    What exists now (modules, the recovered ledger) lives as long as the worker:
+    ``gc.freeze()`` leaves it out of full collections, which walked all of it and paused
+    the worker for 21-31 ms at a time. A batch's objects (decoded messages, events,
+    replies) live until its commit returns and then go; with the default young
+    threshold (700) they were walked and promoted several times over: 13% of the
+    worker's CPU on the bench mix (gc callbacks: 0.25 s of 1.9 s for 20,000 commands).
+    With room for a whole batch's objects they are gone before any collection (0.02 s).
+    Cycles are still collected, after ``GC_YOUNG`` net allocations.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(GC_YOUNG, 10, 10)
+
+
 @asynccontextmanager
 async def serving(settings: Settings, clock: Clock | None = None) -> AsyncIterator[Worker]:
     """Open the store, recover every scope, and run a worker until the block exits."""
@@ -58,11 +78,7 @@ async def serving(settings: Settings, clock: Clock | None = None) -> AsyncIterat
         except Exception as exc:
             raise FatalError(f"cannot recover {settings.db}: {exc}") from exc
         ledger = Ledger(recovered, checkpoint_every=settings.checkpoint_every)
-        # What exists now (modules, the recovered ledger) lives as long as the worker:
-        # leave it out of the cyclic collector's full passes, which would otherwise walk
-        # all of it and pause the worker for milliseconds each time.
-        gc.collect()
-        gc.freeze()
+        tune_gc()
         log.info(
             "worker started",
             extra={

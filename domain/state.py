@@ -31,7 +31,8 @@ class Bid(msgspec.Struct, frozen=True):
 
 
 class Round(msgspec.Struct, frozen=True, dict=True):
-    """A bidding round; ``bids`` sorted by initials."""
+    """A bidding round; ``bids`` sorted by initials. (``dict=True``: ``domain.index``
+    keeps its lookups on the object.)"""
 
     round: int
     status: RoundStatus
@@ -40,7 +41,8 @@ class Round(msgspec.Struct, frozen=True, dict=True):
 
 
 class ScopeState(msgspec.Struct, frozen=True, dict=True):
-    """Everything about one scope; ``seq``/``head_event`` are those of its last event."""
+    """Everything about one scope; ``seq``/``head_event`` are those of its last event.
+    (``dict=True``: ``domain.index`` keeps its lookups on the object.)"""
 
     bid_year: int
     area: str

@@ -208,8 +208,7 @@ class SqliteStore:
             conn.execute("BEGIN IMMEDIATE")
             known = reads.acks(conn, list(batch.fresh)) if batch.fresh else None
             if known:
-                conn.execute("ROLLBACK")
-                raise StoredAlready(known)
+                raise StoredAlready(known)  # rolled back below, like any other exception
             conn.executemany(INSERT_EVENT, statements.each(encoded.events, "insert event"))
             conn.executemany(INSERT_SNAPSHOT, statements.each(encoded.snapshots, "snapshot"))
             statements.before("commit")

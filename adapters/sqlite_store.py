@@ -188,8 +188,10 @@ class SqliteStore:
     async def append(self, batch: Batch) -> None:
         """Commit every event, snapshot and ack of ``batch`` in one transaction, or none.
 
-        Inside the transaction, first look up ``batch.fresh``: if any of those message ids
-        is stored, write nothing and raise ``StoredAlready`` with their records.
+        If any of the message ids ``batch.fresh`` names is stored already, write nothing
+        and raise ``StoredAlready`` with their records. (Ids the batch's events carry are
+        checked by the unique index as they are inserted; only the others are looked up
+        first, so a batch of new commands pays for no lookup.)
         Raises ``InvalidBatch`` (nothing written) if the ids do not continue the head or
         ``recorded_at`` goes back, and ``PersistenceFailed`` if SQLite fails; either way
         the database and the head are as before. If the awaiting task is cancelled, the
@@ -206,10 +208,15 @@ class SqliteStore:
         statements = _Statements(self.fault)
         try:
             conn.execute("BEGIN IMMEDIATE")
-            known = reads.acks(conn, list(batch.fresh)) if batch.fresh else None
-            if known:
-                raise StoredAlready(known)  # rolled back below, like any other exception
-            conn.executemany(INSERT_EVENT, statements.each(encoded.events, "insert event"))
+            _check_fresh(conn, batch.fresh, encoded.events)
+            try:
+                conn.executemany(INSERT_EVENT, statements.each(encoded.events, "insert event"))
+            except sqlite3.IntegrityError:
+                # Perhaps the unique index on message_id: is some event's id stored? Look
+                # once the batch's own rows are gone (the lock keeps other writers out).
+                _roll_back(conn)
+                _check_fresh(conn, batch.fresh)
+                raise
             conn.executemany(INSERT_SNAPSHOT, statements.each(encoded.snapshots, "snapshot"))
             statements.before("commit")
             conn.execute("COMMIT")
@@ -343,6 +350,19 @@ def _require_file(where: Path, writer: bool) -> None:
 
 def _read_only_uri(where: Path) -> str:
     return where.resolve().as_uri() + "?mode=ro"
+
+
+def _check_fresh(
+    conn: sqlite3.Connection, fresh: tuple[str, ...], rows: list[Row] | None = None
+) -> None:
+    """Raise ``StoredAlready`` if any of ``fresh`` is stored; with ``rows``, skip the ids
+    those rows are about to insert (their unique index checks them)."""
+    if not fresh:
+        return
+    ids = list(fresh) if rows is None else list(set(fresh).difference(r[8] for r in rows))
+    known = reads.acks(conn, ids) if ids else None
+    if known:
+        raise StoredAlready(known)
 
 
 def _roll_back(conn: sqlite3.Connection) -> None:

@@ -97,6 +97,49 @@ async def test_an_append_whose_fresh_ids_are_stored_writes_nothing(tmp_path: Pat
     await store.close()
 
 
+async def test_an_event_whose_message_id_is_stored_is_caught_by_the_unique_index(
+    tmp_path: Path,
+) -> None:
+    # Ids the batch's events carry are not looked up before the insert: the unique index
+    # refuses the stored one, and only then are the fresh ids looked up, after the
+    # rollback, so an id inserted earlier in the same batch is not reported as stored.
+    db = tmp_path / "db.sqlite3"
+    store = await SqliteStore.open(db)
+    driver = Driver(store)
+    await driver.run(create())
+    head = await store.head()
+    stored_id = driver.entries[0].event.message_id
+    assert stored_id is not None
+    stored = (await store.acks([stored_id]))[stored_id]
+    again = msgspec.structs.replace(register("CD"), id=stored_id)
+    batch = await driver.decide([register("AB"), again], step=None)
+    fresh = tuple(ack.message_id for ack in batch.acks)
+    assert fresh[1] == stored_id
+    with pytest.raises(StoredAlready) as raised:
+        await store.append(Batch(batch.entries, batch.acks, fresh))
+    assert raised.value.acks == {stored_id: stored}
+    assert await store.head() == head
+    assert table_counts(db) == (1, 0, 1)
+    await store.close()
+
+
+async def test_an_integrity_error_with_no_stored_id_fails_the_append(tmp_path: Path) -> None:
+    def refuse(index: int, statement: str) -> None:
+        if index == 2:
+            raise sqlite3.IntegrityError("injected constraint failure")
+
+    db = tmp_path / "db.sqlite3"
+    store = await SqliteStore.open(db, fault=refuse)
+    driver = Driver(store)
+    batch = await driver.decide([create(), register("AB")], step=None)
+    fresh = tuple(ack.message_id for ack in batch.acks)
+    with pytest.raises(PersistenceFailed, match="injected constraint failure"):
+        await store.append(Batch(batch.entries, batch.acks, fresh))
+    assert (await store.head()).event_id == 0
+    assert table_counts(db) == (0, 0, 0)
+    await store.close()
+
+
 async def test_acks_hold_the_original_acknowledgement(tmp_path: Path) -> None:
     store = await SqliteStore.open(tmp_path / "db.sqlite3")
     driver = Driver(store)

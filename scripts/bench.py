@@ -10,7 +10,10 @@ the same run as the baseline:
 - acknowledgement latency p50 / p99 at a fixed offered load (1,000 commands/s);
 - peak RSS of the worker, and RSS after 20,000 and 200,000 events with the same users;
 - raw sqlite3 in WAL with synchronous=FULL: per-row commits and 100-row batches of rows
-  the size of bidlog's stored ``submit_bid`` events.
+  the size of bidlog's stored ``submit_bid`` events;
+- for reference, the worker's essential work done in this process, in one thread and
+  without the pipeline (decode and digest, decide, reply, append 512 per transaction):
+  what the worker costs above it is its event loop, transports and replies.
 
 Usage: ``.venv/bin/python scripts/bench.py [--quick] [--dir DIR] [--seed N]``
 """
@@ -184,9 +187,9 @@ class Throughput:
     def rate(self) -> float:
         return self.commands / self.seconds
 
-    def describe(self) -> str:
+    def describe(self, whose: str = "worker") -> str:
         per = self.cpu / self.commands * 1e6
-        return f"{self.rate:,.0f} commands/s (worker CPU {per:.0f} µs/command)"
+        return f"{self.rate:,.0f} commands/s ({whose} CPU {per:.0f} µs/command)"
 
 
 @contextmanager
@@ -344,6 +347,7 @@ class Row:
     target: str = ""
     verdict: str = ""
     rate: float | None = None  # a bidlog throughput, judged against raw per-row commits
+    reference: bool = False  # compared with raw per-row commits, but not a target
 
 
 @dataclass
@@ -369,7 +373,9 @@ class Report:
         measure = f"raw sqlite3, per-row commit, median of {len(self.raw_samples)} runs of "
         self.rows.insert(0, Row(measure + self.raw_label, f"{base:,.0f} rows/s ({runs})"))
         for row in self.rows:
-            if row.rate is not None:
+            if row.rate is not None and row.reference:
+                row.verdict = f"{row.rate / base:.2f}x raw per-row (reference)"
+            elif row.rate is not None:
                 row.target = f">= 5x raw per-row ({5 * base:,.0f}/s)"
                 row.verdict = _verdict(row.rate >= 5 * base, row.rate / base)
 
@@ -423,6 +429,54 @@ def bench_stdin(workdir: Path, count: int, seed: int, report: Report) -> tuple[P
 def add_throughput(report: Report, name: str, done: Throughput) -> None:
     report.add(f"{name}, {done.commands:,} commands", done.describe())
     report.rows[-1].rate = done.rate
+
+
+def bench_floor(workdir: Path, count: int, seed: int, report: Report) -> None:
+    """The worker's essential work for the stdin mix, in this process and one thread:
+    decode and digest each line, decide it into a draft, build its reply, and append
+    every 512 with the store (one transaction, one trip to its thread), as ``serve``
+    does but with no event loop work between, no transport and no reply written."""
+    import asyncio
+
+    from adapters import codec
+    from adapters.clock import SystemClock
+    from adapters.sqlite_store import SqliteStore
+    from domain.ledger import Ledger
+    from domain.records import Ack, Batch
+    from worker.bootstrap import tune_gc
+
+    work = Workload(seed)
+    setup = work.setup()
+    lines = setup + work.bids(count - len(setup), "floor")
+
+    async def run() -> Throughput:
+        store = await SqliteStore.open(workdir / "floor.sqlite3", synchronous="full")
+        ledger, clock = Ledger(await store.recover()), SystemClock()
+        tune_gc()
+        started, cpu = time.perf_counter(), time.process_time()
+        for start in range(0, len(lines), 512):
+            draft, acks, replies = ledger.draft(), [], []
+            for line in lines[start : start + 512]:
+                item = codec.decode(line.rstrip(b"\n"))
+                command, digest = item.message, item.digest or ""
+                # Every line of the mix is a command (not a query).
+                event = draft.apply(command, now=clock.now(), digest=digest)[0].event  # type: ignore[arg-type]
+                acks.append(Ack(command.id, digest, event.event_id, event.seq, event.recorded_at))
+                replies.append(
+                    codec.ack_reply(command.id, event.event_id, event.seq, event.recorded_at)
+                )
+            fresh = tuple(ack.message_id for ack in acks)
+            await store.append(Batch(tuple(draft.entries), tuple(acks), fresh))
+            ledger.commit(draft)
+        done = Throughput(len(lines), time.perf_counter() - started, time.process_time() - cpu)
+        await store.close()
+        return done
+
+    done = asyncio.run(run())
+    measure = f"for reference: the same work in one thread, no pipeline, {done.commands:,} commands"
+    report.add(measure, done.describe("the process's"))
+    report.rows[-1].rate = done.rate
+    report.rows[-1].reference = True
 
 
 def _feed(pipe: Any, lines: list[bytes]) -> None:
@@ -681,6 +735,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         payloads = event_payloads(db)
         bench_raw(workdir, payloads, sizes, report)
         add_throughput(report, "stdin", done)
+        print("in-process reference ...", file=sys.stderr)
+        bench_floor(workdir, sizes.stdin, args.seed, report)
         for clients in (1, 4, 16):
             bench_socket(workdir, clients, sizes.socket, args.seed, report)
         sample_per_row(workdir, payloads, sizes, report)

@@ -14,6 +14,7 @@ import msgspec
 
 from domain import index, rules
 from domain.commands import (
+    COMMAND_TYPES,
     BaseCommand,
     Checkpoint,
     Command,
@@ -62,7 +63,7 @@ def decide(state: ScopeState | None, command: Command, context: Context) -> Even
 
 
 def _action(command: BaseCommand) -> str:
-    return str(command.__struct_config__.tag)
+    return _ACTIONS[type(command)]
 
 
 def _event(command: BaseCommand, action: str, seq: int, delta: Delta, ctx: Context) -> Event:
@@ -96,8 +97,24 @@ def bid_data(bid: Bid | None) -> dict[str, Any] | None:
 
 
 def _iso(days: tuple[dt.date, ...]) -> list[str]:
-    """Days (ascending, as a ``Bid`` holds them) as ISO strings."""
-    return [day.isoformat() for day in days]
+    """Days (ascending, as a ``Bid`` holds them) as ISO strings.
+
+    Memoized: ``date.isoformat`` goes through C's printf, close to 3,000 machine
+    instructions a day against about 100 for a lookup, and bids name days of one year.
+    """
+    out = []
+    for day in days:
+        text = _ISO_DAYS.get(day)
+        if text is None:
+            if len(_ISO_DAYS) >= _ISO_DAYS_MAX:
+                _ISO_DAYS.clear()
+            text = _ISO_DAYS[day] = day.isoformat()
+        out.append(text)
+    return out
+
+
+_ISO_DAYS: dict[dt.date, str] = {}
+_ISO_DAYS_MAX = 10_000  # 27 years of days
 
 
 def scope_data(state: ScopeState) -> dict[str, Any]:
@@ -173,6 +190,7 @@ def _rollback(state: ScopeState, cmd: Rollback, ctx: Context) -> Delta:
     )
 
 
+_ACTIONS: dict[type[BaseCommand], str] = {t: str(t.__struct_config__.tag) for t in COMMAND_TYPES}
 _HANDLERS: dict[type[BaseCommand], Callable[[ScopeState, Any, Context], Delta]] = {
     RegisterUser: _register,
     UpdateUser: _update,

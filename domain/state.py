@@ -56,7 +56,10 @@ class ScopeState(msgspec.Struct, frozen=True, dict=True):
         return (self.bid_year, self.area)
 
     def open_round(self) -> Round | None:
-        return next((r for r in self.rounds if r.status == "open"), None)
+        for r in self.rounds:
+            if r.status == "open":
+                return r
+        return None
 
 
 def render(state: ScopeState) -> dict[str, Any]:

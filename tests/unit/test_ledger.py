@@ -6,10 +6,13 @@ from __future__ import annotations
 import datetime as dt
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
+from domain import decide, ledger
 from domain.errors import DomainError
 from domain.events import SYSTEM_ACTOR
-from domain.ledger import Ledger
+from domain.ledger import Ledger, format_timestamp
 from domain.records import Recovered
 from domain.state import ScopeState
 from tests.unit.builders import (
@@ -49,6 +52,34 @@ def test_recorded_at_is_utc_with_microseconds_and_z() -> None:
     plus_two = dt.timezone(dt.timedelta(hours=2))
     (entry,) = h.apply(create_area(), now=NOW.astimezone(plus_two))
     assert entry.event.recorded_at == NOW_TEXT
+
+
+OFFSETS = st.integers(-23 * 60, 23 * 60).map(lambda m: dt.timezone(dt.timedelta(minutes=m)))
+
+
+@given(
+    st.datetimes(
+        min_value=dt.datetime(1900, 1, 1),
+        max_value=dt.datetime(2200, 1, 1),
+        timezones=st.one_of(st.just(dt.UTC), OFFSETS),
+    )
+)
+def test_format_timestamp_is_isoformat_in_utc_with_z(moment: dt.datetime) -> None:
+    # format_timestamp keeps the text up to the minute; it must equal isoformat anyway,
+    # including once that memo has been emptied.
+    expected = moment.astimezone(dt.UTC).isoformat(timespec="microseconds")[:-6] + "Z"
+    assert format_timestamp(moment) == expected
+    ledger._MINUTES.clear()
+    assert format_timestamp(moment) == expected
+
+
+@given(st.lists(st.dates(), max_size=8))
+def test_days_are_written_as_isoformat(days: list[dt.date]) -> None:
+    expected = [day.isoformat() for day in days]
+    assert decide._iso(tuple(days)) == expected
+    assert decide._iso(tuple(days)) == expected  # from the memo
+    decide._ISO_DAYS.clear()
+    assert decide._iso(tuple(days)) == expected
 
 
 def test_recorded_at_never_decreases_when_the_clock_steps_back() -> None:

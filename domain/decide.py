@@ -152,8 +152,8 @@ def _submit(state: ScopeState, cmd: SubmitBid, ctx: Context) -> Delta:
     rules.require_user(state, cmd.initials)
     current = rules.require_open_round(state, cmd.round)
     days = tuple(sorted(cmd.days))
-    rules.check_days_available(state, current, cmd.initials, days)
     old = index.bids_by_initials(current).get(cmd.initials)
+    rules.check_days_available(state, current, cmd.initials, old, days)
     return Delta(
         before={"round": cmd.round, "bid": bid_data(old)},
         after={"round": cmd.round, "bid": {"initials": cmd.initials, "days": _iso(days)}},

@@ -128,10 +128,13 @@ def require_open_round(state: ScopeState, number: int) -> Round:
 
 
 def check_days_available(
-    state: ScopeState, current: Round, initials: str, days: tuple[dt.date, ...]
+    state: ScopeState, current: Round, initials: str, own: Bid | None, days: tuple[dt.date, ...]
 ) -> None:
-    """``days`` (ascending) are neither held from a finalized round nor full in ``current``."""
-    finalized = [r for r in state.rounds if r.status == "finalized"]
+    """``days`` (ascending) are neither held from a finalized round nor full in ``current``,
+    where ``initials`` holds ``own`` (or nothing)."""
+    finalized: list[Round] = []
+    if len(state.rounds) > 1:  # ``current`` is one of them: with no other, none is finalized
+        finalized = [r for r in state.rounds if r.status == "finalized"]
     if finalized:
         held = _held_days(finalized, initials)
         for day in days:
@@ -142,7 +145,6 @@ def check_days_available(
                     round=held[day],
                 )
     counts = index.day_counts(current)
-    own = index.bids_by_initials(current).get(initials)
     own_days = own.days if own is not None else ()
     for day in days:
         # Holders of the day: other users' bids in this round, plus finalized rounds.

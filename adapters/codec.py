@@ -27,7 +27,6 @@ __all__ = [
 ]
 
 _decoder = msgspec.json.Decoder(AnyMessage)
-_builtins_decoder = msgspec.json.Decoder()
 # Top-level keys with their values left undecoded: enough to find `id` and `type`.
 _envelope_decoder = msgspec.json.Decoder(dict[str, msgspec.Raw])
 _id_decoder = msgspec.json.Decoder(MessageId)
@@ -75,8 +74,8 @@ def decode(line: bytes) -> Decoded:
         raise _malformed(exc) from None
     except RecursionError:
         raise _too_deep() from None
-    is_command = isinstance(message, BaseCommand)
-    return Decoded(message, digest(_builtins_decoder.decode(line)) if is_command else None)
+    # A command encodes back to exactly the canonical form of the line (see BaseCommand).
+    return Decoded(message, digest(message) if isinstance(message, BaseCommand) else None)
 
 
 def _classify(line: bytes, error: str) -> DecodeFailure:

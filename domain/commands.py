@@ -65,11 +65,17 @@ class Message(
 
 
 class BaseCommand(Message, frozen=True, kw_only=True):
-    """A command: changes one scope and, on success, appends exactly one event."""
+    """A command: changes one scope and, on success, appends exactly one event.
+
+    Optional fields default to ``UNSET``, not ``None``: a field left out stays out when
+    the command is encoded again, and one sent as ``null`` stays ``null``. So a decoded
+    command encodes (keys sorted) to the canonical form of the message as received, and
+    its digest is taken from it without decoding the line a second time.
+    """
 
     actor: Actor
     cause: Cause
-    expected_seq: Seq | None = None
+    expected_seq: Seq | UnsetType | None = UNSET
     bid_year: BidYear
     area: AreaName
 
@@ -84,7 +90,7 @@ class RegisterUser(BaseCommand, frozen=True, kw_only=True, tag="register_user"):
     initials: Initials
     name: UserName
     user_type: UserType
-    crew: Crew | None = None
+    crew: Crew | UnsetType | None = UNSET
     seniority: Seniority
 
 
@@ -129,7 +135,7 @@ class FinalizeRound(BaseCommand, frozen=True, kw_only=True, tag="finalize_round"
 class Checkpoint(BaseCommand, frozen=True, kw_only=True, tag="checkpoint"):
     """Record a full snapshot of the scope; changes no state."""
 
-    label: Label | None = None
+    label: Label | UnsetType | None = UNSET
 
 
 class Rollback(BaseCommand, frozen=True, kw_only=True, tag="rollback"):

@@ -127,7 +127,8 @@ def scope_data(state: ScopeState) -> dict[str, Any]:
 
 def _register(state: ScopeState, cmd: RegisterUser, ctx: Context) -> Delta:
     rules.check_initials_free(state, cmd.initials, ctx.other_initials)
-    user = User(cmd.initials, cmd.name, cmd.user_type, cmd.crew, cmd.seniority)
+    crew = cmd.crew if isinstance(cmd.crew, int) else None
+    user = User(cmd.initials, cmd.name, cmd.user_type, crew, cmd.seniority)
     return Delta(after={"user": user_data(user)})
 
 
@@ -178,7 +179,7 @@ def _finalize(state: ScopeState, cmd: FinalizeRound, ctx: Context) -> Delta:
 
 
 def _checkpoint(state: ScopeState, cmd: Checkpoint, ctx: Context) -> Delta:
-    return Delta(detail={} if cmd.label is None else {"label": cmd.label})
+    return Delta(detail={"label": cmd.label} if isinstance(cmd.label, str) else {})
 
 
 def _rollback(state: ScopeState, cmd: Rollback, ctx: Context) -> Delta:

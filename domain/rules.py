@@ -55,11 +55,12 @@ def check_role(command: BaseCommand, action: str) -> None:
 
 def check_expected_seq(command: BaseCommand, state: ScopeState | None) -> None:
     current = state.seq if state is not None else 0
-    if command.expected_seq is not None and command.expected_seq != current:
+    expected = command.expected_seq  # None or UNSET: no expectation
+    if isinstance(expected, int) and expected != current:
         raise errors.VersionConflict(
-            f"expected seq {command.expected_seq}, scope is at {current}",
+            f"expected seq {expected}, scope is at {current}",
             seq=current,
-            expected_seq=command.expected_seq,
+            expected_seq=expected,
         )
 
 

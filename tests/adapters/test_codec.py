@@ -3,11 +3,15 @@ failure gets its protocol code, and replies have exactly the section-4 shapes.""
 
 from __future__ import annotations
 
+import datetime as dt
+import hashlib
 import json
 from typing import Any
 
 import msgspec
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from adapters.canonical import digest
 from adapters.codec import (
@@ -95,6 +99,84 @@ def test_the_digest_keeps_non_ascii_text_as_received() -> None:
     assert decode(raw(body)).digest == digest(body)
     escaped = json.dumps(body).encode()  # \u00eb escapes: same JSON value, same digest
     assert decode(escaped).digest == digest(body)
+
+
+# The digest is taken from the decoded command, not from a second decoding of the line: it
+# must still be PROTOCOL section 6's formula over the message as received, whatever fields
+# are left out or null, whatever the text, key order or spacing.
+TEXT = st.text(st.characters(exclude_categories=["Cs"]), min_size=1, max_size=12)
+DAY = st.dates(min_value=dt.date(2000, 1, 1), max_value=dt.date(2100, 12, 31)).map(str)
+BIG = st.integers(0, 2**63 - 1)
+LEFT_OUT = object()
+
+
+def _optional(values: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+    return st.one_of(st.just(LEFT_OUT), st.none(), values)
+
+
+SENIORITY_VALUES = st.fixed_dictionaries(
+    {
+        "cumulative_natca_bu_date": DAY,
+        "natca_bu_date": DAY,
+        "eod_faa_date": DAY,
+        "service_computation_date": DAY,
+        "lottery_value": st.one_of(st.none(), BIG),
+    }
+)
+INITIALS = st.from_regex(r"\A[A-Z]{2}\Z")
+FIELDS: dict[str, dict[str, st.SearchStrategy[Any]]] = {
+    "create_area": {},
+    "register_user": {
+        "initials": INITIALS,
+        "name": TEXT,
+        "user_type": st.sampled_from(["CPC", "CPC-IT", "Dev-D", "Dev-R"]),
+        "crew": _optional(st.integers(1, 7)),
+        "seniority": SENIORITY_VALUES,
+    },
+    "update_user": {
+        "initials": INITIALS,
+        "name": st.one_of(st.just(LEFT_OUT), TEXT),
+        "crew": _optional(st.integers(1, 7)),
+        "seniority": st.one_of(st.just(LEFT_OUT), SENIORITY_VALUES),
+    },
+    "open_round": {"round": st.integers(1, 2**63 - 1), "max_per_day": st.integers(1, 1000)},
+    "submit_bid": {
+        "round": st.integers(1, 9),
+        "initials": INITIALS,
+        "days": st.lists(DAY, min_size=1, max_size=5),
+    },
+    "withdraw_bid": {"round": st.integers(1, 9), "initials": INITIALS},
+    "finalize_round": {"round": st.integers(1, 9)},
+    "checkpoint": {"label": _optional(TEXT)},
+    "rollback": {"to_event": st.integers(1, 2**63 - 1)},
+}
+
+
+@st.composite
+def command_lines(draw: st.DrawFn) -> bytes:
+    type_ = draw(st.sampled_from(sorted(FIELDS)))
+    body: dict[str, Any] = {
+        "id": draw(TEXT),
+        "type": type_,
+        "actor": {"id": draw(TEXT), "role": draw(st.sampled_from(["admin", "bidder"]))},
+        "cause": {"id": draw(TEXT), "description": draw(st.text(max_size=20))},
+        "bid_year": draw(st.integers(2000, 2100)),
+        "area": draw(st.from_regex(r"\A[A-Za-z0-9][A-Za-z0-9 _-]{0,31}\Z")),
+        "expected_seq": draw(_optional(BIG)),
+    }
+    body.update({name: draw(values) for name, values in FIELDS[type_].items()})
+    body = {k: v for k, v in body.items() if v is not LEFT_OUT}
+    keys = draw(st.permutations(list(body)))
+    ascii_only, indent = draw(st.booleans()), draw(st.sampled_from([None, 0, 2]))
+    return json.dumps({k: body[k] for k in keys}, ensure_ascii=ascii_only, indent=indent).encode()
+
+
+@given(command_lines())
+def test_the_digest_is_the_protocols_formula_over_the_message_as_received(line: bytes) -> None:
+    decoded = decode(line)
+    received = json.loads(line)
+    canonical = json.dumps(received, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    assert decoded.digest == hashlib.sha256(canonical.encode()).hexdigest()
 
 
 def test_a_query_decodes_without_a_digest() -> None:

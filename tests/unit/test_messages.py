@@ -102,11 +102,14 @@ def test_decoded_fields_have_their_python_types() -> None:
     decoded = decode(message("submit_bid"))
     assert isinstance(decoded, SubmitBid)
     assert decoded.days == (dt.date(2026, 7, 1), dt.date(2026, 7, 2))
-    assert decoded.expected_seq is None
+    assert decoded.expected_seq is msgspec.UNSET  # left out: stays out when encoded again
     user = decode(message("register_user", crew=DELETE, seniority__lottery_value=None))
     assert isinstance(user, RegisterUser)
-    assert user.crew is None
+    assert user.crew is msgspec.UNSET
     assert user.seniority.lottery_value is None
+    crewless = decode(message("register_user", crew=None, expected_seq=None))
+    assert isinstance(crewless, RegisterUser)
+    assert (crewless.crew, crewless.expected_seq) == (None, None)
 
 
 def test_update_user_tells_left_out_from_null() -> None:

@@ -105,8 +105,13 @@ class LineFramer:
             start = first + 1
         last = chunk.rfind(b"\n")
         if start <= last:
-            for line in chunk[start:last].split(b"\n"):
-                self._emit(line, out)
+            lines = chunk[start:last].split(b"\n")
+            if last - start <= self._limit and b"\r" not in chunk:
+                # No line here can be too long or end in \r: only blank ones to skip.
+                out.extend(line for line in lines if line and not line.isspace())
+            else:
+                for line in lines:
+                    self._emit(line, out)
         self._hold(chunk, last + 1, out)
         return out
 

@@ -71,6 +71,7 @@ class _Run:
 
     draft: Draft
     known: dict[str, Ack] = field(default_factory=dict)  # stored idempotency records
+    fresh: dict[str, None] = field(default_factory=dict)  # ids decided as new, in order
     pending_acks: dict[str, Ack] = field(default_factory=dict)
     replies: list[_Reply] = field(default_factory=list)
     lines: list[_Line] = field(default_factory=list)  # since the last commit
@@ -159,6 +160,7 @@ class Applier:
             data = _repeat(command.id, previous, digest)
             run.replies.append(_Reply(request, data, tentative, command.id))
             return
+        run.fresh[command.id] = None  # decided as new: the transaction checks that
         try:
             entries = run.draft.apply(
                 command,
@@ -179,7 +181,7 @@ class Applier:
     async def _flush(self, run: _Run) -> None:
         """Commit the run's lines (checking their ids are new), then send their replies."""
         while True:
-            fresh = _unchecked_ids(run)
+            fresh = tuple(run.fresh)
             try:
                 failed = not await self._store(run, fresh)
             except StoredAlready as stored:
@@ -195,6 +197,7 @@ class Applier:
         if not failed:
             run.known.update(run.pending_acks)
         run.replies.clear()
+        run.fresh.clear()
         run.pending_acks.clear()
         run.lines.clear()
         run.draft = self.ledger.draft()
@@ -239,22 +242,11 @@ class Applier:
     def _decide_again(self, run: _Run) -> None:
         """Nothing was written: decide the run's lines again, knowing more records."""
         run.draft = self.ledger.draft()
+        run.fresh.clear()
         run.pending_acks.clear()
         run.replies.clear()
         for line in run.lines:
             self._decide(run, line)
-
-
-def _unchecked_ids(run: _Run) -> tuple[str, ...]:
-    """The run's command ids (each once) with no known record: the ones to check."""
-    ids: dict[str, None] = {}
-    for line in run.lines:
-        item = line.item
-        if line.reply is None and isinstance(item, codec.Decoded):
-            message_id = item.message.id
-            if message_id not in run.known and isinstance(item.message, BaseCommand):
-                ids[message_id] = None
-    return tuple(ids)
 
 
 def _deliver(replies: list[_Reply], failed: bool) -> None:
@@ -264,7 +256,10 @@ def _deliver(replies: list[_Reply], failed: bool) -> None:
         outbox, start = replies[i].outbox, i
         while i < len(replies) and replies[i].outbox is outbox:
             i += 1
-        data = [_final(r, failed) for r in replies[start:i]]
+        if failed:
+            data = [_final(r, failed) for r in replies[start:i]]
+        else:
+            data = [r.data for r in replies[start:i]]
         outbox.send((b"".join(data), len(data)))
 
 

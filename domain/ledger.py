@@ -101,27 +101,31 @@ class Draft:
             rollback_target=rollback_target,
         )
         event = decide(state, command, context)
-        added = [self._record(Entry(event, evolve(state, event)))]
-        if self._checkpoint_due(key):
-            after = added[0].state
-            auto = auto_checkpoint(after, event_id=event.event_id + 1, recorded_at=recorded_at)
-            added.append(self._record(Entry(auto, evolve(after, auto))))
-        return added
+        entry = Entry(event, evolve(state, event))
+        since = self._record(key, entry)
+        every = self.ledger.checkpoint_every
+        if not 0 < every <= since:
+            return [entry]
+        after = entry.state
+        auto = auto_checkpoint(after, event_id=event.event_id + 1, recorded_at=recorded_at)
+        checkpoint = Entry(auto, evolve(after, auto))
+        self._record(key, checkpoint)
+        return [entry, checkpoint]
 
-    def _record(self, entry: Entry) -> Entry:
+    def _record(self, key: ScopeKey, entry: Entry) -> int:
+        """Add ``entry`` (an event of scope ``key``); return the scope's events since its
+        last snapshot."""
         event = entry.event
-        key = event.scope
         self.scopes[key] = entry.state
-        count = self.since_snapshot.get(key, self.ledger.since_snapshot.get(key, 0))
-        self.since_snapshot[key] = 0 if event.snapshot else count + 1
+        if event.snapshot:
+            since = 0
+        else:
+            since = self.since_snapshot.get(key, self.ledger.since_snapshot.get(key, 0)) + 1
+        self.since_snapshot[key] = since
         self.head_event = event.event_id
         self.last_recorded_at = event.recorded_at
         self.entries.append(entry)
-        return entry
-
-    def _checkpoint_due(self, key: ScopeKey) -> bool:
-        every = self.ledger.checkpoint_every
-        return every > 0 and self.since_snapshot.get(key, 0) >= every
+        return since
 
     def _other_initials(self, command: Command) -> Mapping[str, str]:
         if not isinstance(command, (RegisterUser, Rollback)):

@@ -8,6 +8,7 @@ import json
 import shutil
 import sqlite3
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ import msgspec
 import pytest
 
 from adapters.canonical import ZERO_HASH, chain_hash
-from adapters.sqlite_rows import event_object, event_row, hashed_row
+from adapters.sqlite_rows import Head, event_object, event_row, hashed_row
 from adapters.sqlite_store import FailAt, InvalidBatch, SqliteStore
 from domain.errors import PersistenceFailed
 from domain.events import SNAPSHOT_ACTIONS, SYSTEM_ACTOR
@@ -76,16 +77,32 @@ async def test_a_batch_survives_reopening(tmp_path: Path) -> None:
     await again.close()
 
 
-async def test_an_append_whose_fresh_ids_are_stored_writes_nothing(tmp_path: Path) -> None:
+@dataclass
+class Created:
+    """A store holding one committed create_area, with that event's message id."""
+
+    db: Path
+    store: SqliteStore
+    driver: Driver
+    head: Head
+    message_id: str
+
+
+async def created(tmp_path: Path) -> Created:
     db = tmp_path / "db.sqlite3"
     store = await SqliteStore.open(db)
     driver = Driver(store)
     await driver.run(create())
-    head = await store.head()
-    first_id = driver.entries[0].event.message_id
-    assert first_id is not None
-    stored = (await store.acks([first_id]))[first_id]
-    batch = await driver.decide([register("AB"), register("CD")], step=None)
+    message_id = driver.entries[0].event.message_id
+    assert message_id is not None
+    return Created(db, store, driver, await store.head(), message_id)
+
+
+async def test_an_append_whose_fresh_ids_are_stored_writes_nothing(tmp_path: Path) -> None:
+    one = await created(tmp_path)
+    db, store, head = one.db, one.store, one.head
+    stored = (await store.acks([one.message_id]))[one.message_id]
+    batch = await one.driver.decide([register("AB"), register("CD")], step=None)
     fresh = (batch.acks[0].message_id, stored.message_id, batch.acks[1].message_id)
     with pytest.raises(StoredAlready) as raised:
         await store.append(Batch(batch.entries, batch.acks, fresh))
@@ -103,16 +120,11 @@ async def test_an_event_whose_message_id_is_stored_is_caught_by_the_unique_index
     # Ids the batch's events carry are not looked up before the insert: the unique index
     # refuses the stored one, and only then are the fresh ids looked up, after the
     # rollback, so an id inserted earlier in the same batch is not reported as stored.
-    db = tmp_path / "db.sqlite3"
-    store = await SqliteStore.open(db)
-    driver = Driver(store)
-    await driver.run(create())
-    head = await store.head()
-    stored_id = driver.entries[0].event.message_id
-    assert stored_id is not None
+    one = await created(tmp_path)
+    db, store, head, stored_id = one.db, one.store, one.head, one.message_id
     stored = (await store.acks([stored_id]))[stored_id]
     again = msgspec.structs.replace(register("CD"), id=stored_id)
-    batch = await driver.decide([register("AB"), again], step=None)
+    batch = await one.driver.decide([register("AB"), again], step=None)
     fresh = tuple(ack.message_id for ack in batch.acks)
     assert fresh[1] == stored_id
     with pytest.raises(StoredAlready) as raised:
@@ -263,14 +275,9 @@ async def test_the_first_event_of_a_log_needs_a_well_formed_time(tmp_path: Path)
 async def test_a_constraint_failure_is_persistence_failed_and_changes_nothing(
     tmp_path: Path,
 ) -> None:
-    db = tmp_path / "db.sqlite3"
-    store = await SqliteStore.open(db)
-    driver = Driver(store)
-    await driver.run(create())
-    head = await store.head()
-    batch = await driver.decide([register("AB")], step=None)
-    first = driver.entries[0].event.message_id
-    assert first is not None
+    one = await created(tmp_path)
+    db, store, head, first = one.db, one.store, one.head, one.message_id
+    batch = await one.driver.decide([register("AB")], step=None)
     # The idempotency key is unique (events_by_message): reusing one fails the insert.
     event = msgspec.structs.replace(batch.entries[0].event, message_id=first)
     ack = msgspec.structs.replace(batch.acks[0], message_id=first)

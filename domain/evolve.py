@@ -9,7 +9,7 @@ from typing import Any, TypeVar
 
 import msgspec
 
-from domain import index
+from domain import days, index
 from domain.commands import Cause
 from domain.events import SYSTEM_ACTOR, Event
 from domain.state import Bid, Round, ScopeState, User
@@ -19,12 +19,9 @@ AUTO_CHECKPOINT_CAUSE = Cause(id="auto-checkpoint", description="automatic check
 
 def evolve(state: ScopeState | None, event: Event) -> ScopeState:
     """The scope's state after ``event``; ``state`` is None only before ``create_area``."""
-    if event.action == "create_area" or state is None:
+    if state is None or event.action == "create_area":
         return ScopeState(event.bid_year, event.area, event.seq, event.event_id)
-    changes = _EVOLVERS[event.action](state, event.before, event.after)
-    new = msgspec.structs.replace(state, seq=event.seq, head_event=event.event_id, **changes)
-    index.carry_users(state, new)
-    return new
+    return _EVOLVERS[event.action](state, event)
 
 
 def replay(state: ScopeState | None, events: Iterable[Event]) -> ScopeState | None:
@@ -54,49 +51,74 @@ def auto_checkpoint(state: ScopeState, *, event_id: int, recorded_at: str) -> Ev
     )
 
 
-# Each evolver returns the fields of the state that the event changes.
-Changes = dict[str, Any]
+# Each evolver returns the state after the event (built with positional arguments, and
+# parts that the event leaves alone shared: ``evolve`` runs for every command).
 
 
-def _put_user(state: ScopeState, before: Any, after: Any) -> Changes:
-    user = msgspec.convert(after["user"], User)
-    return {"users": _put_sorted(state.users, user.initials, user)}
+def _next(
+    state: ScopeState, event: Event, users: tuple[User, ...], rounds: tuple[Round, ...]
+) -> ScopeState:
+    new = ScopeState(state.bid_year, state.area, event.seq, event.event_id, users, rounds)
+    index.carry_users(state, new)
+    return new
 
 
-def _add_round(state: ScopeState, before: Any, after: Any) -> Changes:
-    rnd = msgspec.convert(after["round"], Round)
-    return {"rounds": tuple(sorted((*state.rounds, rnd), key=lambda r: r.round))}
+def _put_user(state: ScopeState, event: Event) -> ScopeState:
+    user = msgspec.convert(event.after["user"], User)
+    return _next(state, event, _put_sorted(state.users, user.initials, user), state.rounds)
 
 
-def _put_bid(state: ScopeState, before: Any, after: Any) -> Changes:
+def _add_round(state: ScopeState, event: Event) -> ScopeState:
+    rnd = msgspec.convert(event.after["round"], Round)
+    rounds = tuple(sorted((*state.rounds, rnd), key=lambda r: r.round))
+    return _next(state, event, state.users, rounds)
+
+
+def _put_bid(state: ScopeState, event: Event) -> ScopeState:
+    after = event.after
     number: int = after["round"]
-    new = None if after["bid"] is None else msgspec.convert(after["bid"], Bid)
-    initials: str = new.initials if new is not None else before["bid"]["initials"]
-    rounds = list(state.rounds)
-    for i, rnd in enumerate(rounds):
-        if rnd.round == number:
-            rounds[i] = msgspec.structs.replace(rnd, bids=_put_sorted(rnd.bids, initials, new))
-            index.carry_bid(rnd, rounds[i], index.bids_by_initials(rnd).get(initials), new)
-    return {"rounds": tuple(rounds)}
+    data = after["bid"]
+    new = None if data is None else _bid(data)
+    initials: str = new.initials if new is not None else event.before["bid"]["initials"]
+    rounds = state.rounds
+    at = len(rounds) - 1  # the open round is the last one
+    while at >= 0 and rounds[at].round != number:
+        at -= 1
+    if at < 0:
+        return _next(state, event, state.users, rounds)
+    rnd = rounds[at]
+    old = index.bids_by_initials(rnd).get(initials)
+    bids = _put_sorted(rnd.bids, initials, new)
+    changed = Round(rnd.round, rnd.status, rnd.max_per_day, bids)
+    index.carry_bid(rnd, changed, old, new)
+    return _next(state, event, state.users, (*rounds[:at], changed, *rounds[at + 1 :]))
 
 
-def _set_status(state: ScopeState, before: Any, after: Any) -> Changes:
-    number, status = after["round"], after["status"]
-    rounds = (
+def _bid(data: Any) -> Bid:
+    """A bid from its event form; days that ``decide`` wrote come from a table."""
+    found = days.known(data.get("days")) if type(data) is dict and len(data) == 2 else None
+    initials = data.get("initials") if found is not None else None
+    if found is None or type(initials) is not str:
+        return msgspec.convert(data, Bid)  # validates, and names what is wrong
+    return Bid(initials, found)
+
+
+def _set_status(state: ScopeState, event: Event) -> ScopeState:
+    number, status = event.after["round"], event.after["status"]
+    rounds = tuple(
         msgspec.structs.replace(r, status=status) if r.round == number else r for r in state.rounds
     )
-    return {"rounds": tuple(rounds)}
+    return _next(state, event, state.users, rounds)
 
 
-def _unchanged(state: ScopeState, before: Any, after: Any) -> Changes:
-    return {}
+def _unchanged(state: ScopeState, event: Event) -> ScopeState:
+    return _next(state, event, state.users, state.rounds)
 
 
-def _restore(state: ScopeState, before: Any, after: Any) -> Changes:
-    return {
-        "users": msgspec.convert(after["users"], tuple[User, ...]),
-        "rounds": msgspec.convert(after["rounds"], tuple[Round, ...]),
-    }
+def _restore(state: ScopeState, event: Event) -> ScopeState:
+    after = event.after
+    users = msgspec.convert(after["users"], tuple[User, ...])
+    return _next(state, event, users, msgspec.convert(after["rounds"], tuple[Round, ...]))
 
 
 _initials = attrgetter("initials")
@@ -113,7 +135,7 @@ def _put_sorted(items: tuple[T, ...], initials: str, item: T | None) -> tuple[T,
     return head + (item,) + rest if item is not None else head + rest  # noqa: RUF005
 
 
-_EVOLVERS: dict[str, Callable[[ScopeState, Any, Any], Changes]] = {
+_EVOLVERS: dict[str, Callable[[ScopeState, Event], ScopeState]] = {
     "register_user": _put_user,
     "update_user": _put_user,
     "open_round": _add_round,

@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+import msgspec
+import pytest
+
+from domain import days as days_module
 from domain.commands import Command
 from domain.decide import decide
 from domain.events import SYSTEM_ACTOR, Event
@@ -13,6 +19,7 @@ from tests.unit.builders import (
     bid,
     context,
     create_area,
+    days,
     open_round,
     register_user,
     round_,
@@ -53,3 +60,30 @@ def test_auto_checkpoint_is_a_system_snapshot_that_changes_nothing() -> None:
     after = evolve(state, event)
     assert without_position(after) == without_position(state)
     assert (after.seq, after.head_event) == (4, 11)
+
+
+def test_a_bid_evolves_the_same_whether_its_days_are_in_the_table_or_not() -> None:
+    state = scope(users=[user("AB")], rounds=[round_(1, "open", 2, bid("AB", "03-01"))])
+    event = decide(state, submit_bid("AB", bid_days=days("07-04", "07-01")), context())
+    from_table = evolve(state, event)
+    days_module.forget()  # as after a restart: the days come from the event's text
+    assert evolve(state, event) == from_table
+    assert from_table.rounds[0].bids == (bid("AB", "07-01", "07-04"),)
+
+
+@pytest.mark.parametrize(
+    "stored",
+    [
+        {"initials": "AB", "days": ["2026-13-01"]},
+        {"initials": "AB", "days": "2026-07-01"},
+        {"initials": 7, "days": ["2026-07-01"]},
+        {"days": ["2026-07-01"]},
+    ],
+)
+def test_a_malformed_stored_bid_is_refused_not_evolved(stored: dict[str, Any]) -> None:
+    state = scope(users=[user("AB")], rounds=[round_(1)])
+    days_module.iso(days("07-01"))  # the table knows the day: the shape must still be checked
+    event = decide(state, submit_bid("AB"), context())
+    forged = msgspec.structs.replace(event, after={"round": 1, "bid": stored})
+    with pytest.raises(msgspec.ValidationError):
+        evolve(state, forged)

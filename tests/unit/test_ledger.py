@@ -9,7 +9,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from domain import decide, ledger
+from domain import days as days_module
+from domain import ledger
 from domain.errors import DomainError
 from domain.events import SYSTEM_ACTOR
 from domain.ledger import Ledger, format_timestamp
@@ -74,12 +75,17 @@ def test_format_timestamp_is_isoformat_in_utc_with_z(moment: dt.datetime) -> Non
 
 
 @given(st.lists(st.dates(), max_size=8))
-def test_days_are_written_as_isoformat(days: list[dt.date]) -> None:
-    expected = [day.isoformat() for day in days]
-    assert decide._iso(tuple(days)) == expected
-    assert decide._iso(tuple(days)) == expected  # from the memo
-    decide._ISO_DAYS.clear()
-    assert decide._iso(tuple(days)) == expected
+def test_days_are_written_as_isoformat_and_read_back(dates: list[dt.date]) -> None:
+    expected = [day.isoformat() for day in dates]
+    days_module.forget()
+    assert days_module.known(expected) == (None if dates else ())  # never written: parse them
+    assert days_module.iso(dates) == expected
+    assert days_module.iso(dates) == expected  # from the memo
+    assert days_module.known(expected) == tuple(dates)
+    assert days_module.known(tuple(expected)) is None  # only a list, as JSON decodes
+    assert days_module.known([*expected, 20260101]) is None
+    days_module.forget()
+    assert days_module.iso(dates) == expected
 
 
 def test_recorded_at_never_decreases_when_the_clock_steps_back() -> None:

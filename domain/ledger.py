@@ -75,6 +75,8 @@ class Draft:
         self.head_event = ledger.head_event
         self.last_recorded_at = ledger.last_recorded_at
         self.entries: list[Entry] = []
+        self._now: dt.datetime | None = None
+        self._stamp = ""
 
     def state(self, key: ScopeKey) -> ScopeState | None:
         found = self.scopes.get(key)
@@ -92,7 +94,9 @@ class Draft:
         or record and return its entry (and an automatic checkpoint's, when one is due)."""
         key = (command.bid_year, command.area)
         state = self.state(key)
-        recorded_at = max(format_timestamp(now), self.last_recorded_at)
+        if now is not self._now:  # a batch's commands usually share one reading of the clock
+            self._now, self._stamp = now, format_timestamp(now)
+        recorded_at = max(self._stamp, self.last_recorded_at)
         context = Context(
             event_id=self.head_event + 1,
             recorded_at=recorded_at,

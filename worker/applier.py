@@ -9,6 +9,7 @@ after that commit returns. If it fails, every command of the transaction is answ
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -70,6 +71,7 @@ class _Run:
     """The working state of one batch of requests."""
 
     draft: Draft
+    now: dt.datetime  # when the batch is decided: the time of all its events
     known: dict[str, Ack] = field(default_factory=dict)  # stored idempotency records
     fresh: dict[str, None] = field(default_factory=dict)  # ids decided as new, in order
     pending_acks: dict[str, Ack] = field(default_factory=dict)
@@ -93,7 +95,7 @@ class Applier:
 
     async def process(self, requests: Sequence[Request]) -> None:
         """Handle every line of ``requests`` in order; each gets exactly one reply."""
-        run = _Run(self.ledger.draft())
+        run = _Run(self.ledger.draft(), self.clock.now())
         for request in requests:
             outbox = request.outbox
             for frame in request.frames:
@@ -164,7 +166,7 @@ class Applier:
         try:
             entries = run.draft.apply(
                 command,
-                now=self.clock.now(),
+                now=run.now,
                 digest=digest,
                 rollback_target=target,
             )
@@ -201,6 +203,7 @@ class Applier:
         run.pending_acks.clear()
         run.lines.clear()
         run.draft = self.ledger.draft()
+        run.now = self.clock.now()
 
     async def _store(self, run: _Run, fresh: tuple[str, ...]) -> bool:
         """Append the draft (or, with no events, look the ids up); False if that failed."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ from tests.wire import (
     open_round,
     register,
 )
-from tests.worker.harness import Client, client_on, worker_on
+from tests.worker.harness import START, Client, client_on, worker_on
 
 pytestmark = pytest.mark.anyio
 
@@ -66,6 +67,30 @@ async def test_ack_carries_event_id_seq_and_time(db: Path) -> None:
     assert (second["event_id"], second["seq"]) == (2, 1)
     assert first["recorded_at"] == "2026-11-25T20:00:00.000000Z"
     assert "duplicate" not in first
+
+
+class CountingClock:
+    """Moves one millisecond per reading, and counts the readings."""
+
+    def __init__(self) -> None:
+        self.moment = START
+        self.readings = 0
+
+    def now(self) -> dt.datetime:
+        self.readings += 1
+        self.moment += dt.timedelta(milliseconds=1)
+        return self.moment
+
+
+async def test_the_commands_of_one_transaction_share_its_time(db: Path) -> None:
+    clock = CountingClock()
+    async with client_on(db, clock=clock) as client:
+        together = await client.ask(create_area("North"), create_area("South"), create_area("East"))
+        later = await client.ask_one(create_area("West"))
+    times = {r["recorded_at"] for r in together}
+    assert len(times) == 1, together  # one batch, one reading of the clock
+    assert later["recorded_at"] > times.pop()
+    assert clock.readings < 6  # not one reading per command
 
 
 async def test_replies_follow_message_order_when_pipelined(db: Path) -> None:

@@ -162,7 +162,9 @@ def event_row(obj: dict[str, Any], hash_: str) -> Row:
     )
 
 
-def snapshot_row(event: Event, state: ScopeState) -> Row:
+def snapshot_row(event: Event, state: ScopeState | None) -> Row:
+    if state is None:
+        raise InvalidBatch(f"snapshot event {event.event_id} comes without its state")
     if state.key != event.scope or state.head_event != event.event_id:
         raise InvalidBatch(f"snapshot of event {event.event_id} is not the state after it")
     return (event.event_id, event.bid_year, event.area, state_text(state))

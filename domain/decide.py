@@ -27,7 +27,7 @@ from domain.commands import (
     WithdrawBid,
 )
 from domain.events import SNAPSHOT_ACTIONS, Event
-from domain.state import Bid, Round, ScopeState, User
+from domain.state import Bid, Round, ScopeState, ScopeView, User
 
 
 class Context(msgspec.Struct, frozen=True):
@@ -46,7 +46,7 @@ class Delta(msgspec.Struct, frozen=True):
     detail: dict[str, Any] = msgspec.field(default_factory=dict)
 
 
-def decide(state: ScopeState | None, command: Command, context: Context) -> Event:
+def decide(state: ScopeView | None, command: Command, context: Context) -> Event:
     """Refuse ``command`` with a DomainError, or return exactly one event."""
     action = _action(command)
     rules.check_shape(command)
@@ -95,7 +95,7 @@ def bid_data(bid: Bid | None) -> dict[str, Any] | None:
     return {"initials": bid.initials, "days": days.iso(bid.days)}
 
 
-def scope_data(state: ScopeState) -> dict[str, Any]:
+def scope_data(state: ScopeView) -> dict[str, Any]:
     """The restorable part of a state (users and rounds) as builtins."""
     data: dict[str, Any] = msgspec.json.decode(
         msgspec.json.encode({"users": state.users, "rounds": state.rounds})
@@ -103,14 +103,14 @@ def scope_data(state: ScopeState) -> dict[str, Any]:
     return data
 
 
-def _register(state: ScopeState, cmd: RegisterUser, ctx: Context) -> Delta:
+def _register(state: ScopeView, cmd: RegisterUser, ctx: Context) -> Delta:
     rules.check_initials_free(state, cmd.initials, ctx.other_initials)
     crew = cmd.crew if isinstance(cmd.crew, int) else None
     user = User(cmd.initials, cmd.name, cmd.user_type, crew, cmd.seniority)
     return Delta(after={"user": user_data(user)})
 
 
-def _update(state: ScopeState, cmd: UpdateUser, ctx: Context) -> Delta:
+def _update(state: ScopeView, cmd: UpdateUser, ctx: Context) -> Delta:
     old = rules.require_user(state, cmd.initials)
     changes = {
         name: value
@@ -121,13 +121,13 @@ def _update(state: ScopeState, cmd: UpdateUser, ctx: Context) -> Delta:
     return Delta(before={"user": user_data(old)}, after={"user": user_data(new)})
 
 
-def _open_round(state: ScopeState, cmd: OpenRound, ctx: Context) -> Delta:
+def _open_round(state: ScopeView, cmd: OpenRound, ctx: Context) -> Delta:
     rules.check_can_open(state, cmd.round)
     rnd = Round(cmd.round, "open", cmd.max_per_day)
     return Delta(after={"round": msgspec.to_builtins(rnd)})
 
 
-def _submit(state: ScopeState, cmd: SubmitBid, ctx: Context) -> Delta:
+def _submit(state: ScopeView, cmd: SubmitBid, ctx: Context) -> Delta:
     rules.require_user(state, cmd.initials)
     current = rules.require_open_round(state, cmd.round)
     wanted = tuple(sorted(cmd.days))
@@ -139,7 +139,7 @@ def _submit(state: ScopeState, cmd: SubmitBid, ctx: Context) -> Delta:
     )
 
 
-def _withdraw(state: ScopeState, cmd: WithdrawBid, ctx: Context) -> Delta:
+def _withdraw(state: ScopeView, cmd: WithdrawBid, ctx: Context) -> Delta:
     current = rules.require_open_round(state, cmd.round)
     old = rules.require_bid(current, cmd.initials)
     return Delta(
@@ -148,7 +148,7 @@ def _withdraw(state: ScopeState, cmd: WithdrawBid, ctx: Context) -> Delta:
     )
 
 
-def _finalize(state: ScopeState, cmd: FinalizeRound, ctx: Context) -> Delta:
+def _finalize(state: ScopeView, cmd: FinalizeRound, ctx: Context) -> Delta:
     rules.require_open_round(state, cmd.round)
     return Delta(
         before={"round": cmd.round, "status": "open"},
@@ -156,11 +156,11 @@ def _finalize(state: ScopeState, cmd: FinalizeRound, ctx: Context) -> Delta:
     )
 
 
-def _checkpoint(state: ScopeState, cmd: Checkpoint, ctx: Context) -> Delta:
+def _checkpoint(state: ScopeView, cmd: Checkpoint, ctx: Context) -> Delta:
     return Delta(detail={"label": cmd.label} if isinstance(cmd.label, str) else {})
 
 
-def _rollback(state: ScopeState, cmd: Rollback, ctx: Context) -> Delta:
+def _rollback(state: ScopeView, cmd: Rollback, ctx: Context) -> Delta:
     target = rules.check_rollback(state, cmd, ctx.rollback_target, ctx.other_initials)
     return Delta(
         before=scope_data(state),
@@ -170,7 +170,7 @@ def _rollback(state: ScopeState, cmd: Rollback, ctx: Context) -> Delta:
 
 
 _ACTIONS: dict[type[BaseCommand], str] = {t: str(t.__struct_config__.tag) for t in COMMAND_TYPES}
-_HANDLERS: dict[type[BaseCommand], Callable[[ScopeState, Any, Context], Delta]] = {
+_HANDLERS: dict[type[BaseCommand], Callable[[ScopeView, Any, Context], Delta]] = {
     RegisterUser: _register,
     UpdateUser: _update,
     OpenRound: _open_round,

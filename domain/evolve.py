@@ -78,7 +78,7 @@ def _put_bid(state: ScopeState, event: Event) -> ScopeState:
     after = event.after
     number: int = after["round"]
     data = after["bid"]
-    new = None if data is None else _bid(data)
+    new = None if data is None else bid_of(data)
     initials: str = new.initials if new is not None else event.before["bid"]["initials"]
     rounds = state.rounds
     at = len(rounds) - 1  # the open round is the last one
@@ -94,7 +94,7 @@ def _put_bid(state: ScopeState, event: Event) -> ScopeState:
     return _next(state, event, state.users, (*rounds[:at], changed, *rounds[at + 1 :]))
 
 
-def _bid(data: Any) -> Bid:
+def bid_of(data: Any) -> Bid:
     """A bid from its event form; days that ``decide`` wrote come from a table."""
     found = days.known(data.get("days")) if type(data) is dict and len(data) == 2 else None
     initials = data.get("initials") if found is not None else None

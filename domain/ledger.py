@@ -10,11 +10,12 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Mapping
 
-from domain.commands import Command, RegisterUser, Rollback
+from domain.commands import Command, RegisterUser, Rollback, SubmitBid, WithdrawBid
 from domain.decide import Context, decide
 from domain.evolve import auto_checkpoint, evolve
 from domain.records import Entry, Recovered
 from domain.state import ScopeKey, ScopeState, User
+from domain.working import Working, thaw
 
 
 def format_timestamp(moment: dt.datetime) -> str:
@@ -38,6 +39,7 @@ def format_timestamp(moment: dt.datetime) -> str:
 
 _MINUTES: dict[tuple[int, int, int, int, int], str] = {}
 _SECONDS = [f"{second:02d}." for second in range(60)]
+_BIDS = (SubmitBid, WithdrawBid)  # decided on a scope kept mutable (domain.working)
 
 
 class Ledger:
@@ -59,18 +61,25 @@ class Ledger:
 
     def commit(self, draft: Draft) -> None:
         """Make ``draft`` current (call only after its batch is durably committed)."""
-        self.scopes.update(draft.scopes)
+        for key, found in draft.scopes.items():
+            if isinstance(found, Working):
+                found = draft.scopes[key] = found.freeze()
+            self.scopes[key] = found
         self.since_snapshot.update(draft.since_snapshot)
         self.head_event = draft.head_event
         self.last_recorded_at = draft.last_recorded_at
 
 
 class Draft:
-    """A working copy over a ledger: the changes of a batch not yet committed."""
+    """A working copy over a ledger: the changes of a batch not yet committed.
+
+    A scope that receives bids is kept as a ``Working`` (changed in place) until the
+    draft is committed or another kind of command comes for it (see ``domain.working``).
+    """
 
     def __init__(self, ledger: Ledger):
         self.ledger = ledger
-        self.scopes: dict[ScopeKey, ScopeState] = {}
+        self.scopes: dict[ScopeKey, ScopeState | Working] = {}
         self.since_snapshot: dict[ScopeKey, int] = {}
         self.head_event = ledger.head_event
         self.last_recorded_at = ledger.last_recorded_at
@@ -79,6 +88,10 @@ class Draft:
         self._stamp = ""
 
     def state(self, key: ScopeKey) -> ScopeState | None:
+        found = self._current(key)
+        return found.peek() if isinstance(found, Working) else found
+
+    def _current(self, key: ScopeKey) -> ScopeState | Working | None:
         found = self.scopes.get(key)
         return found if found is not None else self.ledger.scopes.get(key)
 
@@ -93,7 +106,12 @@ class Draft:
         """Decide ``command`` against the draft; raise DomainError and change nothing,
         or record and return its entry (and an automatic checkpoint's, when one is due)."""
         key = (command.bid_year, command.area)
-        state = self.state(key)
+        current = self._current(key)
+        if type(command) in _BIDS:
+            if type(current) is ScopeState:
+                current = self.scopes[key] = thaw(current)  # the same state, kept mutable
+        elif isinstance(current, Working):
+            current = self.scopes[key] = current.freeze()
         if now is not self._now:  # a batch's commands usually share one reading of the clock
             self._now, self._stamp = now, format_timestamp(now)
         recorded_at = max(self._stamp, self.last_recorded_at)
@@ -104,23 +122,30 @@ class Draft:
             other_initials=self._other_initials(command),
             rollback_target=rollback_target,
         )
-        event = decide(state, command, context)
-        entry = Entry(event, evolve(state, event))
-        since = self._record(key, entry)
+        event = decide(current, command, context)
+        after: ScopeState | Working
+        if isinstance(current, Working):
+            current.put_bid(event)
+            after, entry = current, Entry(event, None)
+        else:
+            after = evolve(current, event)
+            entry = Entry(event, after)
+        since = self._record(key, entry, after)
         every = self.ledger.checkpoint_every
         if not 0 < every <= since:
             return [entry]
-        after = entry.state
-        auto = auto_checkpoint(after, event_id=event.event_id + 1, recorded_at=recorded_at)
-        checkpoint = Entry(auto, evolve(after, auto))
-        self._record(key, checkpoint)
+        state = after.freeze() if isinstance(after, Working) else after
+        auto = auto_checkpoint(state, event_id=event.event_id + 1, recorded_at=recorded_at)
+        checkpointed = evolve(state, auto)
+        checkpoint = Entry(auto, checkpointed)
+        self._record(key, checkpoint, checkpointed)
         return [entry, checkpoint]
 
-    def _record(self, key: ScopeKey, entry: Entry) -> int:
-        """Add ``entry`` (an event of scope ``key``); return the scope's events since its
-        last snapshot."""
+    def _record(self, key: ScopeKey, entry: Entry, state: ScopeState | Working) -> int:
+        """Add ``entry`` (an event of scope ``key``, which is now ``state``); return the
+        scope's events since its last snapshot."""
         event = entry.event
-        self.scopes[key] = entry.state
+        self.scopes[key] = state
         if event.snapshot:
             since = 0
         else:
@@ -145,5 +170,5 @@ class Draft:
         return set(self.ledger.scopes) | set(self.scopes)
 
     def _users(self, year: int, area: str) -> tuple[User, ...]:
-        state = self.state((year, area))
+        state = self._current((year, area))
         return state.users if state is not None else ()

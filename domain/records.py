@@ -21,10 +21,12 @@ class Ack(msgspec.Struct, frozen=True):
 
 
 class Entry(msgspec.Struct, frozen=True):
-    """One event and the scope's state right after it (stored in full when ``event.snapshot``)."""
+    """One event and the scope's state right after it: stored in full when
+    ``event.snapshot``, always there then. A draft leaves it out (None) for a bid decided
+    on a scope kept mutable (``domain.working``); ``evolve`` of the event gives it."""
 
     event: Event
-    state: ScopeState
+    state: ScopeState | None
 
     @property
     def snapshot(self) -> ScopeState | None:

@@ -15,7 +15,7 @@ from domain.commands import (
     SubmitBid,
     UpdateUser,
 )
-from domain.state import Bid, Round, ScopeState, User
+from domain.state import Bid, RoundView, ScopeState, ScopeView, User
 
 
 def check_shape(command: BaseCommand) -> None:
@@ -53,7 +53,7 @@ def check_role(command: BaseCommand, action: str) -> None:
         raise errors.Unauthorized(f"role {role} may not send {action}", role=role, type=action)
 
 
-def check_expected_seq(command: BaseCommand, state: ScopeState | None) -> None:
+def check_expected_seq(command: BaseCommand, state: ScopeView | None) -> None:
     current = state.seq if state is not None else 0
     expected = command.expected_seq  # None or UNSET: no expectation
     if isinstance(expected, int) and expected != current:
@@ -64,7 +64,7 @@ def check_expected_seq(command: BaseCommand, state: ScopeState | None) -> None:
         )
 
 
-def require_scope(state: ScopeState | None, command: BaseCommand) -> ScopeState:
+def require_scope(state: ScopeView | None, command: BaseCommand) -> ScopeView:
     if state is None:
         raise errors.UnknownArea(
             f"area {command.bid_year}/{command.area} does not exist",
@@ -74,7 +74,7 @@ def require_scope(state: ScopeState | None, command: BaseCommand) -> ScopeState:
     return state
 
 
-def require_no_scope(state: ScopeState | None, command: BaseCommand) -> None:
+def require_no_scope(state: ScopeView | None, command: BaseCommand) -> None:
     if state is not None:
         raise errors.AreaExists(
             f"area {command.bid_year}/{command.area} exists already",
@@ -83,7 +83,7 @@ def require_no_scope(state: ScopeState | None, command: BaseCommand) -> None:
         )
 
 
-def require_user(state: ScopeState, initials: str) -> User:
+def require_user(state: ScopeView, initials: str) -> User:
     user = index.users_by_initials(state).get(initials)
     if user is None:
         raise errors.UnknownUser(
@@ -92,9 +92,7 @@ def require_user(state: ScopeState, initials: str) -> User:
     return user
 
 
-def check_initials_free(
-    state: ScopeState, initials: str, other_initials: Mapping[str, str]
-) -> None:
+def check_initials_free(state: ScopeView, initials: str, other_initials: Mapping[str, str]) -> None:
     known = index.users_by_initials(state)
     area = state.area if initials in known else other_initials.get(initials)
     if area is not None:
@@ -105,7 +103,7 @@ def check_initials_free(
         )
 
 
-def check_can_open(state: ScopeState, number: int) -> None:
+def check_can_open(state: ScopeView, number: int) -> None:
     current = state.open_round()
     if current is not None:
         raise errors.RoundAlreadyOpen(
@@ -118,7 +116,7 @@ def check_can_open(state: ScopeState, number: int) -> None:
         )
 
 
-def require_open_round(state: ScopeState, number: int) -> Round:
+def require_open_round(state: ScopeView, number: int) -> RoundView:
     current = state.open_round()
     if current is None or current.round != number:
         open_no = current.round if current is not None else None
@@ -129,11 +127,11 @@ def require_open_round(state: ScopeState, number: int) -> Round:
 
 
 def check_days_available(
-    state: ScopeState, current: Round, initials: str, own: Bid | None, days: tuple[dt.date, ...]
+    state: ScopeView, current: RoundView, initials: str, own: Bid | None, days: tuple[dt.date, ...]
 ) -> None:
     """``days`` (ascending) are neither held from a finalized round nor full in ``current``,
     where ``initials`` holds ``own`` (or nothing)."""
-    finalized: list[Round] = []
+    finalized: list[RoundView] = []
     if len(state.rounds) > 1:  # ``current`` is one of them: with no other, none is finalized
         finalized = [r for r in state.rounds if r.status == "finalized"]
     if finalized:
@@ -160,7 +158,7 @@ def check_days_available(
             )
 
 
-def _held_days(finalized: list[Round], initials: str) -> dict[dt.date, int]:
+def _held_days(finalized: list[RoundView], initials: str) -> dict[dt.date, int]:
     held: dict[dt.date, int] = {}
     for rnd in finalized:
         bid = index.bids_by_initials(rnd).get(initials)
@@ -169,7 +167,7 @@ def _held_days(finalized: list[Round], initials: str) -> dict[dt.date, int]:
     return held
 
 
-def require_bid(current: Round, initials: str) -> Bid:
+def require_bid(current: RoundView, initials: str) -> Bid:
     bid = index.bids_by_initials(current).get(initials)
     if bid is None:
         raise errors.NoBid(
@@ -181,7 +179,7 @@ def require_bid(current: Round, initials: str) -> Bid:
 
 
 def check_rollback(
-    state: ScopeState,
+    state: ScopeView,
     command: Rollback,
     target: ScopeState | None,
     other_initials: Mapping[str, str],

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import datetime as dt
-from typing import Any, Literal
+from collections.abc import Sequence
+from typing import Any, Literal, Protocol
 
 import msgspec
 
@@ -60,6 +61,40 @@ class ScopeState(msgspec.Struct, frozen=True, dict=True):
             if r.status == "open":
                 return r
         return None
+
+
+class RoundView(Protocol):
+    """What deciding reads of a round: a ``Round``, or the open round of a scope being
+    bid in (``domain.working``). Lookups go through ``domain.index``."""
+
+    @property
+    def round(self) -> int: ...
+    @property
+    def status(self) -> RoundStatus: ...
+    @property
+    def max_per_day(self) -> int: ...
+    @property
+    def bids(self) -> tuple[Bid, ...]: ...
+
+
+class ScopeView(Protocol):
+    """What deciding reads of a scope: a ``ScopeState``, or a ``domain.working.Working``."""
+
+    @property
+    def bid_year(self) -> int: ...
+    @property
+    def area(self) -> str: ...
+    @property
+    def seq(self) -> int: ...
+    @property
+    def head_event(self) -> int: ...
+    @property
+    def users(self) -> tuple[User, ...]: ...
+    @property
+    def rounds(self) -> Sequence[RoundView]: ...
+    @property
+    def key(self) -> ScopeKey: ...
+    def open_round(self) -> RoundView | None: ...
 
 
 def render(state: ScopeState) -> dict[str, Any]:

@@ -27,6 +27,7 @@ from domain.commands import (
     WithdrawBid,
 )
 from domain.errors import DomainError
+from domain.evolve import evolve
 from domain.ledger import Draft, Ledger
 from domain.records import Ack, Batch, Entry
 from domain.state import ScopeKey, ScopeState
@@ -126,6 +127,7 @@ class Driver:
         self.store = store
         self.ledger = Ledger(checkpoint_every=checkpoint_every)
         self.entries: list[Entry] = []
+        self.states: dict[int, ScopeState] = {}  # by event id: the scope's state after it
         self.clock = START
         self._pending: Draft | None = None
 
@@ -173,6 +175,22 @@ class Driver:
         self.ledger.commit(self._pending)
         self._pending = None
         self.entries.extend(batch.entries)
+        self.states.update(self._fold(batch.entries))
+
+    def _fold(self, entries: Sequence[Entry]) -> dict[int, ScopeState]:
+        """The state after each of ``entries`` (which follow ``self.entries``), by
+        ``evolve``: a draft leaves out the states of bids (``Entry.state`` None)."""
+        last: dict[ScopeKey, ScopeState] = {}
+        for entry in self.entries:
+            if entry.event.event_id in self.states:
+                last[entry.event.scope] = self.states[entry.event.event_id]
+        out: dict[int, ScopeState] = {}
+        for entry in entries:
+            event = entry.event
+            state = last[event.scope] = evolve(last.get(event.scope), event)
+            assert entry.state is None or entry.state == state
+            out[event.event_id] = state
+        return out
 
     async def _target(self, command: Command, pending: Sequence[Entry]) -> ScopeState | None:
         """The rollback target as the worker gets it: from the store, or from the draft
@@ -180,9 +198,9 @@ class Driver:
         if not isinstance(command, Rollback):
             return None
         key = (command.bid_year, command.area)
-        for entry in pending:
-            if entry.event.event_id == command.to_event:
-                return entry.state if entry.event.scope == key else None
+        for event_id, state in self._fold(pending).items():
+            if event_id == command.to_event:
+                return state if state.key == key else None
         return await self.store.event_state(key, command.to_event)
 
     def keys(self) -> list[ScopeKey]:
@@ -195,7 +213,7 @@ class Driver:
             if at_event is not None and entry.event.event_id > at_event:
                 break
             if entry.event.scope == key:
-                found = entry.state
+                found = self.states[entry.event.event_id]
         return found
 
 

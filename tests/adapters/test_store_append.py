@@ -192,7 +192,7 @@ async def test_snapshots_are_stored_exactly_where_due(tmp_path: Path) -> None:
         due = event["action"] in SNAPSHOT_ACTIONS
         assert event["snapshot"] is due
         assert ("state" in event) is due
-    states = {entry.event.event_id: entry.state for entry in driver.entries}
+    states = driver.states
     for event in events:
         if event["snapshot"]:
             assert event["state"] == render(states[event["event_id"]])

@@ -209,6 +209,7 @@ async def test_iter_events_streams_everything_in_order(
         for event, entry in zip(events, driver.entries, strict=True):
             assert ("state" in event) is entry.event.snapshot
             if entry.event.snapshot:
+                assert entry.state is not None
                 assert event["state"] == render(entry.state)
         tail = [event async for event in store.iter_events(after_event=10)]
         assert tail == events[10:]

@@ -6,7 +6,7 @@ Every default is a valid value, so a test names only what it is about.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import msgspec
@@ -27,6 +27,8 @@ from domain.commands import (
     WithdrawBid,
 )
 from domain.decide import Context
+from domain.events import Event
+from domain.evolve import evolve
 from domain.ledger import Ledger
 from domain.records import Entry
 from domain.state import Bid, Round, RoundStatus, ScopeKey, ScopeState, User
@@ -177,6 +179,30 @@ def without_position(state: ScopeState | None) -> ScopeState | None:
     return msgspec.structs.replace(state, seq=0, head_event=0)
 
 
+class Stated(msgspec.Struct, frozen=True):
+    """An event and the state after it, always (``Entry.state`` may be None)."""
+
+    event: Event
+    state: ScopeState
+
+
+def with_states(
+    entries: Sequence[Entry], before: Callable[[ScopeKey], ScopeState | None]
+) -> list[Stated]:
+    """``entries`` with every state filled in by ``evolve`` from ``before(scope)``, the
+    scope's state before them. A draft leaves out the states of bids decided on a scope
+    it keeps mutable (``domain.working``); those it gives must equal ``evolve``'s."""
+    last: dict[ScopeKey, ScopeState | None] = {}
+    out: list[Stated] = []
+    for entry in entries:
+        key = entry.event.scope
+        state = evolve(last[key] if key in last else before(key), entry.event)
+        assert entry.state is None or entry.state == state
+        last[key] = state
+        out.append(Stated(entry.event, state))
+    return out
+
+
 class Harness:
     """A ledger driven one committed command at a time, remembering every state by
     event id so that rollbacks get their target the way storage would supply it."""
@@ -184,7 +210,7 @@ class Harness:
     def __init__(self, *, checkpoint_every: int = 1000) -> None:
         self.ledger = Ledger(checkpoint_every=checkpoint_every)
         self.states: dict[int, ScopeState] = {}
-        self.entries: list[Entry] = []
+        self.entries: list[Stated] = []
 
     def target(self, command: Command) -> ScopeState | None:
         if not isinstance(command, Rollback):
@@ -193,9 +219,10 @@ class Harness:
         same_scope = found is not None and found.key == (command.bid_year, command.area)
         return found if same_scope else None
 
-    def apply(self, command: Command, *, now: dt.datetime = NOW) -> list[Entry]:
+    def apply(self, command: Command, *, now: dt.datetime = NOW) -> list[Stated]:
         draft = self.ledger.draft()
-        added = draft.apply(command, now=now, rollback_target=self.target(command))
+        given = draft.apply(command, now=now, rollback_target=self.target(command))
+        added = with_states(given, self.ledger.state)
         self.ledger.commit(draft)
         for entry in added:
             self.states[entry.event.event_id] = entry.state

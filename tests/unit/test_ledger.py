@@ -11,8 +11,10 @@ from hypothesis import strategies as st
 
 from domain import days as days_module
 from domain import ledger
+from domain.commands import Command
 from domain.errors import DomainError
 from domain.events import SYSTEM_ACTOR
+from domain.evolve import replay
 from domain.ledger import Ledger, format_timestamp
 from domain.records import Recovered
 from domain.state import ScopeState
@@ -32,6 +34,7 @@ from tests.unit.builders import (
     register_user,
     rollback,
     submit_bid,
+    withdraw_bid,
     without_position,
 )
 
@@ -247,7 +250,8 @@ def test_an_automatic_checkpoint_follows_every_n_events_since_a_snapshot() -> No
     assert event.snapshot is True
     assert event.recorded_at == command_entry.event.recorded_at
     assert without_position(auto.state) == without_position(command_entry.state)
-    assert auto.snapshot == auto.state == h.state()
+    assert auto.event.snapshot
+    assert auto.state == h.state()
 
 
 def test_a_snapshot_event_restarts_the_count() -> None:
@@ -293,3 +297,41 @@ def test_a_recovered_ledger_continues_ids_times_and_counts() -> None:
     assert (command_entry.event.event_id, command_entry.event.seq) == (13, 5)
     assert command_entry.event.recorded_at == later
     assert (auto.event.event_id, auto.event.seq) == (14, 6)
+
+
+def test_a_discarded_draft_of_bids_leaves_the_ledger_deciding_as_before() -> None:
+    h = Harness()
+    h.run(create_area(), register_user("AB"), register_user("CD"), open_round(1, 1))
+    committed = h.run(submit_bid("AB", 1, days("07-01")))
+    draft = h.ledger.draft()  # bids are decided on a mutable copy of the open round
+    draft.apply(submit_bid("AB", 1, days("07-02")), now=NOW)
+    draft.apply(submit_bid("CD", 1, days("07-01")), now=NOW)
+    # The draft is dropped, as after a failed commit: 07-01 is AB's again, and full.
+    assert h.state() == committed
+    with pytest.raises(DomainError) as caught:
+        h.ledger.draft().apply(submit_bid("CD", 1, days("07-01")), now=NOW)
+    assert caught.value.code == "day_full"
+
+
+def test_bids_around_other_commands_in_one_draft_commit_what_evolve_gives() -> None:
+    h = Harness()
+    h.run(create_area(), register_user("AB"), register_user("CD"), open_round(1, 2))
+    start = h.state()
+    draft = h.ledger.draft()
+    commands: list[Command] = [
+        submit_bid("AB", 1, days("07-01")),
+        submit_bid("CD", 1, days("07-01", "07-02")),
+        register_user("EF"),  # the scope is frozen for it, and taken up again after
+        submit_bid("EF", 1, days("07-02")),
+        withdraw_bid("AB", 1),
+        submit_bid("AB", 1, days("07-03")),
+    ]
+    events = [draft.apply(c, now=NOW)[0].event for c in commands]
+    assert draft.state(KEY) == replay(start, events)  # peeking changes nothing
+    h.ledger.commit(draft)
+    assert h.state() == replay(start, events)
+    assert [(b.initials, b.days) for b in h.state().rounds[0].bids] == [
+        ("AB", days("07-03")),
+        ("CD", days("07-01", "07-02")),
+        ("EF", days("07-02")),
+    ]

@@ -36,12 +36,13 @@ from domain.errors import DomainError
 from domain.events import SNAPSHOT_ACTIONS, SYSTEM_ACTOR, Event
 from domain.evolve import evolve, replay
 from domain.ledger import Draft, Ledger
-from domain.records import Entry, Recovered
+from domain.records import Recovered
 from domain.state import ScopeKey, ScopeState, parse, render
 from tests.unit.builders import (
     ADMIN,
     BIDDER,
     NOW,
+    Stated,
     checkpoint,
     create_area,
     day,
@@ -51,6 +52,7 @@ from tests.unit.builders import (
     rollback,
     submit_bid,
     update_user,
+    with_states,
     withdraw_bid,
 )
 
@@ -107,7 +109,7 @@ class Run:
     """The ledger under test and what the test saw committed."""
 
     ledger: Ledger
-    entries: list[Entry] = field(default_factory=list)
+    entries: list[Stated] = field(default_factory=list)
     attempts: list[Attempt] = field(default_factory=list)
     states: dict[int, ScopeState] = field(default_factory=dict)
     codes: Counter[str] = field(default_factory=Counter)
@@ -242,19 +244,20 @@ def command_key(command: Command) -> ScopeKey:
 # --- applying, with the per-command properties ----------------------------------------
 
 
-def apply_checked(draft: Draft, attempt: Attempt) -> tuple[list[Entry], str | None]:
+def apply_checked(draft: Draft, attempt: Attempt) -> tuple[list[Stated], str | None]:
     """Apply one command; a refusal must leave the draft exactly as it was."""
     before = ({k: draft.state(k) for k in KEYS}, list(draft.entries), draft.head_event)
     try:
-        added = draft.apply(attempt.command, now=attempt.now, rollback_target=attempt.target)
+        given = draft.apply(attempt.command, now=attempt.now, rollback_target=attempt.target)
     except DomainError as refused:
         assert refused.code in CODES
         assert ({k: draft.state(k) for k in KEYS}, list(draft.entries), draft.head_event) == (
             before
         )
         return [], refused.code
-    assert 1 <= len(added) <= 2
-    assert draft.entries[len(before[1]) :] == added
+    assert 1 <= len(given) <= 2
+    assert draft.entries[len(before[1]) :] == given
+    added = with_states(given, before[0].__getitem__)
     assert added[0].event.message_id == attempt.command.id
     assert added[0].event.action == attempt.command.__struct_config__.tag
     assert draft.state(command_key(attempt.command)) == added[-1].state
@@ -265,7 +268,7 @@ def run_batch(data: st.DataObject, run: Run, index: int) -> int:
     committed = {k: run.ledger.state(k) for k in KEYS}
     head = run.ledger.head_event
     draft = run.ledger.draft()
-    pending: list[Entry] = []
+    pending: list[Stated] = []
     tried: list[Attempt] = []
     for _ in range(data.draw(st.integers(3, 12))):
         index += 1
@@ -292,8 +295,8 @@ def run_batch(data: st.DataObject, run: Run, index: int) -> int:
 # --- the whole-run properties ---------------------------------------------------------
 
 
-def by_scope(entries: Iterable[Entry]) -> dict[ScopeKey, list[Entry]]:
-    out: dict[ScopeKey, list[Entry]] = {}
+def by_scope(entries: Iterable[Stated]) -> dict[ScopeKey, list[Stated]]:
+    out: dict[ScopeKey, list[Stated]] = {}
     for entry in entries:
         out.setdefault(entry.event.scope, []).append(entry)
     return out
@@ -398,6 +401,10 @@ def check_all_invariants(run: Run) -> None:
     for entry in run.entries:
         check_invariants(entry.state)
         check_indexes(entry.state)
+    for key in KEYS:  # the ledger's own states, frozen from working scopes or evolved
+        if (state := run.ledger.state(key)) is not None:
+            check_invariants(state)
+            check_indexes(state)
     for year in {k[0] for k in KEYS}:
         users = [
             u.initials
@@ -418,7 +425,7 @@ def check_restarts_change_nothing(run: Run, every: int) -> None:
     (as after a restart, one draft per command), give the same events and refusals."""
     scopes: dict[ScopeKey, ScopeState] = {}
     since: dict[ScopeKey, int] = {}
-    entries: list[Entry] = []
+    entries: list[Stated] = []
     for attempt in run.attempts:
         recovered = Recovered(
             scopes={k: fresh(s) for k, s in scopes.items()},
@@ -429,11 +436,12 @@ def check_restarts_change_nothing(run: Run, every: int) -> None:
         target = fresh(attempt.target) if attempt.target is not None else None
         draft = Ledger(recovered, checkpoint_every=every).draft()
         try:
-            added = draft.apply(attempt.command, now=attempt.now, rollback_target=target)
+            given = draft.apply(attempt.command, now=attempt.now, rollback_target=target)
         except DomainError as refused:
             assert refused.code == attempt.code
             continue
         assert attempt.code is None
+        added = with_states(given, scopes.get)
         for entry in added:
             scopes[entry.event.scope] = entry.state
             count = since.get(entry.event.scope, 0)

@@ -17,6 +17,7 @@ from domain.commands import BaseCommand, Rollback
 from domain.errors import DomainError
 from domain.ledger import Ledger
 from domain.state import ScopeState, render
+from tests.unit.builders import with_states
 from tests.wire import bid, create_area, example_lines, get_state, msg, open_round, register
 from tests.worker.harness import START, client_on
 
@@ -142,7 +143,7 @@ def _run_core(commands: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dic
             target = None
         draft = ledger.draft()
         try:
-            entries = draft.apply(
+            given = draft.apply(
                 command,
                 now=START,
                 digest=decoded.digest,
@@ -150,6 +151,7 @@ def _run_core(commands: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dic
             )
         except DomainError:
             continue
+        entries = with_states(given, ledger.state)
         ledger.commit(draft)
         for entry in entries:
             history[entry.event.event_id] = entry.state

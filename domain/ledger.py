@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Mapping
+from types import MappingProxyType
 
 from domain.commands import Command, RegisterUser, Rollback, SubmitBid, WithdrawBid
 from domain.decide import Context, decide
@@ -40,6 +41,7 @@ def format_timestamp(moment: dt.datetime) -> str:
 _MINUTES: dict[tuple[int, int, int, int, int], str] = {}
 _SECONDS = [f"{second:02d}." for second in range(60)]
 _BIDS = (SubmitBid, WithdrawBid)  # decided on a scope kept mutable (domain.working)
+_NO_INITIALS: Mapping[str, str] = MappingProxyType({})  # one, read-only, for most commands
 
 
 class Ledger:
@@ -158,7 +160,7 @@ class Draft:
 
     def _other_initials(self, command: Command) -> Mapping[str, str]:
         if not isinstance(command, (RegisterUser, Rollback)):
-            return {}
+            return _NO_INITIALS
         return {
             user.initials: area
             for (year, area) in self._keys()

@@ -145,16 +145,17 @@ def check_days_available(
                 )
     counts = index.day_counts(current)
     own_days = own.days if own is not None else ()
+    limit = current.max_per_day
     for day in days:
         # Holders of the day: other users' bids in this round, plus finalized rounds.
         taken = counts.get(day, 0) - (day in own_days)
-        for rnd in finalized:
-            taken += index.day_counts(rnd).get(day, 0)
-        if taken >= current.max_per_day:
+        if finalized:
+            taken += sum(index.day_counts(rnd).get(day, 0) for rnd in finalized)
+        if taken >= limit:
             raise errors.DayFull(
-                f"{day.isoformat()} is full ({current.max_per_day} per day)",
+                f"{day.isoformat()} is full ({limit} per day)",
                 day=day.isoformat(),
-                max_per_day=current.max_per_day,
+                max_per_day=limit,
             )
 
 

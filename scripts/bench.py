@@ -261,7 +261,7 @@ class _Conn:
         if self.out:
             self.out = self.out[self.sock.send(self.out) :]
 
-    def read(self) -> list[bytes]:
+    def read(self) -> None:
         data = self.sock.recv(1 << 18)
         if not data:
             raise ConnectionError("bidlog closed the connection")
@@ -273,7 +273,6 @@ class _Conn:
         self.ok += ok
         if ok != count and len(self.failures) < 3:
             self.failures.extend(x for x in done.splitlines() if OK not in x)
-        return done.splitlines() if count else []
 
 
 @dataclass(frozen=True)

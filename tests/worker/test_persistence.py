@@ -159,3 +159,23 @@ def _run_core(commands: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dic
             events.append(msgspec.json.decode(codec.encode_json_line(data)))
     drop = {"event_id", "recorded_at"}
     return [{k: v for k, v in e.items() if k not in drop} for e in events], dict(ledger.scopes)
+
+
+async def test_a_failed_batch_of_bids_leaves_the_round_deciding_as_before(
+    tmp_path: Path,
+) -> None:
+    """Bids are decided on a mutable copy of the open round (domain.working) that takes
+    the committed round's lookups: after a failed commit those must still say what is
+    committed, or a full day would be handed out twice."""
+    fault = FailAt(1, skip=5)  # the sixth append: the batch of two bids below
+    setup = [create_area(), register("AB"), register("CD"), open_round(1, 1)]
+    async with client_on(tmp_path / "b.sqlite3", fault=fault) as client:
+        for message in [*setup, bid("AB", ["2026-07-01"])]:
+            assert (await client.ask_one(message))["ok"]
+        failed = await client.ask(bid("AB", ["2026-07-02"]), bid("CD", ["2026-07-01"]))
+        again = await client.ask_one(bid("CD", ["2026-07-01"]))
+        state = (await client.ask_one(get_state()))["result"]
+    assert fault.fired == 1
+    assert [r["error"]["code"] for r in failed] == ["persistence_failed"] * 2
+    assert again["error"]["code"] == "day_full"
+    assert state["rounds"][0]["bids"] == [{"initials": "AB", "days": ["2026-07-01"]}]

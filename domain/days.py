@@ -33,13 +33,10 @@ def known(texts: object) -> tuple[dt.date, ...] | None:
     (the caller then parses and validates it the slow way)."""
     if type(texts) is not list:
         return None
-    out = []
-    for text in texts:
-        day = _DAY.get(text) if type(text) is str else None
-        if day is None:
-            return None
-        out.append(day)
-    return tuple(out)
+    try:  # only texts are keys: anything else is missing (KeyError) or unhashable
+        return tuple([_DAY[text] for text in texts])
+    except (KeyError, TypeError):
+        return None
 
 
 def remember(day: dt.date) -> str:

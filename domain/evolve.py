@@ -96,11 +96,12 @@ def _put_bid(state: ScopeState, event: Event) -> ScopeState:
 
 def bid_of(data: Any) -> Bid:
     """A bid from its event form; days that ``decide`` wrote come from a table."""
-    found = days.known(data.get("days")) if type(data) is dict and len(data) == 2 else None
-    initials = data.get("initials") if found is not None else None
-    if found is None or type(initials) is not str:
-        return msgspec.convert(data, Bid)  # validates, and names what is wrong
-    return Bid(initials, found)
+    if type(data) is dict and len(data) == 2:
+        initials = data.get("initials")
+        found = days.known(data.get("days"))
+        if found is not None and type(initials) is str:
+            return Bid(initials, found)
+    return msgspec.convert(data, Bid)  # validates, and names what is wrong
 
 
 def _set_status(state: ScopeState, event: Event) -> ScopeState:

@@ -30,16 +30,12 @@ class WorkingRound:
         self.round = rnd.round
         self.status: RoundStatus = rnd.status
         self.max_per_day = rnd.max_per_day
-        self._bids, self._counts = index.take(rnd)
-        index.give(self, self._bids, self._counts)
+        self.by_initials, self.counts = index.take(rnd)
+        index.give(self, self.by_initials, self.counts)
 
     @property
     def bids(self) -> tuple[Bid, ...]:
-        return tuple(sorted(self._bids.values(), key=_initials))
-
-    def put(self, initials: str, new: Bid | None) -> None:
-        """Make ``new`` (None: no bid) the bid of ``initials``."""
-        index.put_bid(self._bids, self._counts, self._bids.get(initials), new)
+        return tuple(sorted(self.by_initials.values(), key=_initials))
 
     def peek(self) -> Round:
         """The round as a ``Round`` (which builds its own lookups if asked)."""
@@ -48,7 +44,7 @@ class WorkingRound:
     def freeze(self) -> Round:
         """The round as a ``Round``, which takes over the lookups (use this one no more)."""
         frozen = self.peek()
-        index.give(frozen, self._bids, self._counts)
+        index.give(frozen, self.by_initials, self.counts)
         return frozen
 
 
@@ -81,11 +77,14 @@ class Working:
 
     def put_bid(self, event: Event) -> None:
         """Apply a ``submit_bid`` or ``withdraw_bid`` event of this scope's open round."""
-        after = event.after
-        if after["round"] != self.current.round or event.scope != self.key:
+        after, current = event.after, self.current
+        number, data = after["round"], after["bid"]
+        if number != current.round or event.bid_year != self.bid_year or event.area != self.area:
             raise ValueError(f"event {event.event_id} is not a bid in this scope's open round")
-        new = None if after["bid"] is None else bid_of(after["bid"])
-        self.current.put(new.initials if new is not None else event.before["bid"]["initials"], new)
+        new = None if data is None else bid_of(data)
+        initials = new.initials if new is not None else event.before["bid"]["initials"]
+        bids = current.by_initials
+        index.put_bid(bids, current.counts, bids.get(initials), new)
         self.seq = event.seq
         self.head_event = event.event_id
 

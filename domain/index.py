@@ -44,11 +44,9 @@ def day_counts(rnd: RoundView) -> dict[dt.date, int]:
 
 
 def carry_users(old: ScopeState | None, new: ScopeState) -> None:
-    """``new`` has the same users as ``old``: share its index instead of rebuilding."""
+    """If ``new`` has the very users of ``old``, share its index instead of rebuilding."""
     if old is not None and old.users is new.users:
-        found = old.__dict__.get(_USERS)
-        if found is not None:
-            new.__dict__[_USERS] = found
+        share_users(old, new)
 
 
 def share_users(source: ScopeView, target: ScopeView) -> None:

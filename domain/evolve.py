@@ -65,7 +65,7 @@ def _next(
 
 def _put_user(state: ScopeState, event: Event) -> ScopeState:
     user = msgspec.convert(event.after["user"], User)
-    return _next(state, event, _put_sorted(state.users, user.initials, user), state.rounds)
+    return _next(state, event, put_sorted(state.users, user.initials, user), state.rounds)
 
 
 def _add_round(state: ScopeState, event: Event) -> ScopeState:
@@ -88,7 +88,7 @@ def _put_bid(state: ScopeState, event: Event) -> ScopeState:
         return _next(state, event, state.users, rounds)
     rnd = rounds[at]
     old = index.bids_by_initials(rnd).get(initials)
-    bids = _put_sorted(rnd.bids, initials, new)
+    bids = put_sorted(rnd.bids, initials, new)
     changed = Round(rnd.round, rnd.status, rnd.max_per_day, bids)
     index.carry_bid(rnd, changed, old, new)
     return _next(state, event, state.users, (*rounds[:at], changed, *rounds[at + 1 :]))
@@ -126,7 +126,7 @@ _initials = attrgetter("initials")
 T = TypeVar("T", User, Bid)
 
 
-def _put_sorted(items: tuple[T, ...], initials: str, item: T | None) -> tuple[T, ...]:
+def put_sorted(items: tuple[T, ...], initials: str, item: T | None) -> tuple[T, ...]:
     """``items`` (sorted by initials) with the one for ``initials`` replaced, added, or
     removed (``item`` None)."""
     at = bisect.bisect_left(items, initials, key=_initials)

@@ -17,10 +17,11 @@ from operator import attrgetter
 
 from domain import index
 from domain.events import Event
-from domain.evolve import bid_of
+from domain.evolve import bid_of, put_sorted
 from domain.state import Bid, Round, RoundStatus, RoundView, ScopeKey, ScopeState, User
 
 _initials = attrgetter("initials")
+_FEW_CHANGES = 8
 
 
 class WorkingRound:
@@ -32,10 +33,19 @@ class WorkingRound:
         self.max_per_day = rnd.max_per_day
         self.by_initials, self.counts = index.take(rnd)
         index.give(self, self.by_initials, self.counts)
+        self._before = rnd.bids
+        self.changed: set[str] = set()  # initials whose bid may differ from ``_before``
 
     @property
     def bids(self) -> tuple[Bid, ...]:
-        return tuple(sorted(self.by_initials.values(), key=_initials))
+        """The bids, sorted: from the round's old tuple when few changed (a batch of one
+        bid at low load), else sorted afresh."""
+        if len(self.changed) > _FEW_CHANGES:
+            return tuple(sorted(self.by_initials.values(), key=_initials))
+        bids = self._before
+        for initials in self.changed:
+            bids = put_sorted(bids, initials, self.by_initials.get(initials))
+        return bids
 
     def peek(self) -> Round:
         """The round as a ``Round`` (which builds its own lookups if asked)."""
@@ -83,6 +93,7 @@ class Working:
             raise ValueError(f"event {event.event_id} is not a bid in this scope's open round")
         new = None if data is None else bid_of(data)
         initials = new.initials if new is not None else event.before["bid"]["initials"]
+        current.changed.add(initials)
         bids = current.by_initials
         index.put_bid(bids, current.counts, bids.get(initials), new)
         self.seq = event.seq

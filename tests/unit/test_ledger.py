@@ -335,3 +335,22 @@ def test_bids_around_other_commands_in_one_draft_commit_what_evolve_gives() -> N
         ("CD", days("07-01", "07-02")),
         ("EF", days("07-02")),
     ]
+
+
+@pytest.mark.parametrize("bidders", [1, 3, 12])  # the sorted bids rebuilt or patched
+def test_a_draft_of_many_or_few_bids_commits_what_evolve_gives(bidders: int) -> None:
+    h = Harness()
+    names = [f"{a}{b}" for a in "QPO" for b in "ZYXW"][:bidders]
+    h.run(create_area(), *[register_user(n) for n in names], open_round(1, 3))
+    h.run(submit_bid(names[-1], 1, days("03-03")), submit_bid("QZ", 1, days("03-01")))
+    start = h.state()
+    draft = h.ledger.draft()
+    commands: list[Command] = [
+        submit_bid(n, 1, days(f"04-{i + 1:02d}")) for i, n in enumerate(names)
+    ]
+    commands.append(withdraw_bid(names[-1], 1))
+    events = [draft.apply(c, now=NOW)[0].event for c in commands]
+    h.ledger.commit(draft)
+    assert h.state() == replay(start, events)
+    bidders_left = sorted(set(names) - {names[-1]})  # the last one withdrew
+    assert [b.initials for b in h.state().rounds[0].bids] == bidders_left

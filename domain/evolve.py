@@ -9,7 +9,7 @@ from typing import Any, TypeVar
 
 import msgspec
 
-from domain import days, index
+from domain import index
 from domain.commands import Cause
 from domain.events import SYSTEM_ACTOR, Event
 from domain.state import Bid, Round, ScopeState, User
@@ -95,13 +95,8 @@ def _put_bid(state: ScopeState, event: Event) -> ScopeState:
 
 
 def bid_of(data: Any) -> Bid:
-    """A bid from its event form; days that ``decide`` wrote come from a table."""
-    if type(data) is dict and len(data) == 2:
-        initials = data.get("initials")
-        found = days.known(data.get("days"))
-        if found is not None and type(initials) is str:
-            return Bid(initials, found)
-    return msgspec.convert(data, Bid)  # validates, and names what is wrong
+    """A bid from its event form (validated: a malformed stored bid is refused)."""
+    return msgspec.convert(data, Bid)
 
 
 def _set_status(state: ScopeState, event: Event) -> ScopeState:

@@ -63,6 +63,7 @@ def test_auto_checkpoint_is_a_system_snapshot_that_changes_nothing() -> None:
 
 
 def test_a_bid_evolves_the_same_whether_its_days_are_in_the_table_or_not() -> None:
+    # The table only writes days; a restart (table empty) must not change evolve.
     state = scope(users=[user("AB")], rounds=[round_(1, "open", 2, bid("AB", "03-01"))])
     event = decide(state, submit_bid("AB", bid_days=days("07-04", "07-01")), context())
     from_table = evolve(state, event)
@@ -82,7 +83,7 @@ def test_a_bid_evolves_the_same_whether_its_days_are_in_the_table_or_not() -> No
 )
 def test_a_malformed_stored_bid_is_refused_not_evolved(stored: dict[str, Any]) -> None:
     state = scope(users=[user("AB")], rounds=[round_(1)])
-    days_module.iso(days("07-01"))  # the table knows the day: the shape must still be checked
+    days_module.iso(days("07-01"))  # the day has been written: the shape is still checked
     event = decide(state, submit_bid("AB"), context())
     forged = msgspec.structs.replace(event, after={"round": 1, "bid": stored})
     with pytest.raises(msgspec.ValidationError):

@@ -27,10 +27,10 @@ from domain.commands import (
     WithdrawBid,
 )
 from domain.errors import DomainError
-from domain.evolve import evolve
 from domain.ledger import Draft, Ledger
 from domain.records import Ack, Batch, Entry
 from domain.state import ScopeKey, ScopeState
+from tests.unit.builders import with_states
 
 YEAR = 2026
 NORTH: ScopeKey = (YEAR, "North")
@@ -172,25 +172,15 @@ class Driver:
     def accept(self, batch: Batch) -> None:
         """Make the decided batch current (call only after it committed)."""
         assert self._pending is not None
+        self.states.update(self._fold(batch.entries))
         self.ledger.commit(self._pending)
         self._pending = None
         self.entries.extend(batch.entries)
-        self.states.update(self._fold(batch.entries))
 
     def _fold(self, entries: Sequence[Entry]) -> dict[int, ScopeState]:
-        """The state after each of ``entries`` (which follow ``self.entries``), by
-        ``evolve``: a draft leaves out the states of bids (``Entry.state`` None)."""
-        last: dict[ScopeKey, ScopeState] = {}
-        for entry in self.entries:
-            if entry.event.event_id in self.states:
-                last[entry.event.scope] = self.states[entry.event.event_id]
-        out: dict[int, ScopeState] = {}
-        for entry in entries:
-            event = entry.event
-            state = last[event.scope] = evolve(last.get(event.scope), event)
-            assert entry.state is None or entry.state == state
-            out[event.event_id] = state
-        return out
+        """The state after each of ``entries`` (not yet committed), by ``evolve``: a draft
+        leaves out the states of bids (``Entry.state`` None)."""
+        return {s.event.event_id: s.state for s in with_states(entries, self.ledger.state)}
 
     async def _target(self, command: Command, pending: Sequence[Entry]) -> ScopeState | None:
         """The rollback target as the worker gets it: from the store, or from the draft

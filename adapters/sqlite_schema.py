@@ -97,7 +97,12 @@ class InvalidBatch(StoreError):
 
 class WriterLock:
     """An exclusive ``flock`` on ``<db>.lock`` (not on the database file itself, so it
-    never mixes with SQLite's own POSIX locks), holding the owner's pid for messages."""
+    never mixes with SQLite's own POSIX locks), holding the owner's pid for messages.
+
+    The lock is named after the database's real path, so a symbolic link to a database
+    takes the same lock. A database file with a second hard link is refused: SQLite
+    finds its ``-wal`` file by name, so two names would be two logs of one file.
+    """
 
     def __init__(self, fd: int) -> None:
         self._fd: int | None = fd
@@ -105,6 +110,13 @@ class WriterLock:
     @classmethod
     def acquire(cls, db_path: Path) -> WriterLock:
         lock_path = lock_path_for(db_path)
+        links = _hard_links(db_path)
+        if links > 1:
+            raise StoreError(
+                f"database {db_path} has {links} hard links; SQLite keeps its write-ahead "
+                "log by file name, so writing through two names would fork the database. "
+                "Remove the other names (or copy it with `bidlog backup`)"
+            )
         try:
             fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
         except OSError as exc:
@@ -132,7 +144,16 @@ class WriterLock:
 
 
 def lock_path_for(db_path: Path) -> Path:
-    return db_path.with_name(db_path.name + ".lock")
+    """``<db>.lock`` beside the database's real file (symbolic links resolved)."""
+    real = db_path.resolve()
+    return real.with_name(real.name + ".lock")
+
+
+def _hard_links(db_path: Path) -> int:
+    try:
+        return os.stat(db_path).st_nlink
+    except OSError:
+        return 0  # a new database (or a path the lock file will report on)
 
 
 def _read_owner(fd: int) -> str:

@@ -160,6 +160,36 @@ async def test_the_lock_names_another_process(tmp_path: Path) -> None:
     await store.close()
 
 
+async def test_a_symbolic_link_to_a_held_database_is_refused(tmp_path: Path) -> None:
+    db = tmp_path / "db.sqlite3"
+    (tmp_path / "other").mkdir()
+    link = tmp_path / "other" / "alias.sqlite3"
+    link.symlink_to(db)
+    with process_holding(db) as pid:
+        with pytest.raises(DatabaseLocked, match=rf"pid {pid}\b"):
+            await SqliteStore.open(link)
+    store = await SqliteStore.open(link)  # free again: through the link, the same lock
+    with pytest.raises(DatabaseLocked):
+        await SqliteStore.open(db)
+    await store.close()
+
+
+async def test_a_database_with_a_second_hard_link_is_not_opened_for_writing(
+    tmp_path: Path,
+) -> None:
+    db = tmp_path / "db.sqlite3"
+    driver = await filled(db)
+    await driver.store.close()
+    alias = tmp_path / "alias.sqlite3"
+    os.link(db, alias)
+    for name in (db, alias):
+        with pytest.raises(StoreError, match="2 hard links"):
+            await SqliteStore.open(name)
+    alias.unlink()
+    store = await SqliteStore.open(db)
+    await store.close()
+
+
 @contextmanager
 def process_holding(db: Path) -> Iterator[int]:
     """A separate bidlog process holding ``db`` for writing until the block exits."""

@@ -370,11 +370,18 @@ def _roll_back(conn: sqlite3.Connection) -> None:
         conn.execute("ROLLBACK")
 
 
+_AFTER_ALL = "9999-12-31T23:59:59.999999Z"  # at or after every recorded_at
+_BEFORE_ALL = "0000"  # sorts before every recorded_at
+
+
 def _timestamp(moment: dt.datetime) -> str:
     """The stored ``recorded_at`` format, so that text order is time order."""
     if moment.tzinfo is None:
         raise ValueError("at_time must carry a time zone")
-    return moment.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    try:
+        return moment.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    except OverflowError:  # past year 9999 or before year 1 once in UTC
+        return _AFTER_ALL if moment.year > 1 else _BEFORE_ALL
 
 
 def _state_at(

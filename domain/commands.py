@@ -25,7 +25,9 @@ RoundNumber = Annotated[int, Meta(ge=1, le=MAX_INT)]
 MaxPerDay = Annotated[int, Meta(ge=1, le=1000)]
 Days = Annotated[tuple[dt.date, ...], Meta(min_length=1, max_length=60)]
 Label = Annotated[str, Meta(max_length=100)]
-EventId = Annotated[int, Meta(ge=1, le=MAX_INT)]
+# Any event id SQLite can hold; one that is not an earlier event of the scope is a rule
+# error (invalid_rollback_target), as PROTOCOL section 5 has it, not a schema error.
+EventId = Annotated[int, Meta(ge=-MAX_INT - 1, le=MAX_INT)]
 Seq = Annotated[int, Meta(ge=0, le=MAX_INT)]
 Text = Annotated[str, Meta(max_length=10000)]
 Role = Literal["admin", "bidder", "system"]

@@ -27,6 +27,7 @@ from worker.pipeline import Worker
 
 log = logging.getLogger("bidlog")
 Handler = Callable[[argparse.Namespace], Awaitable[int]]
+MAX_INT = 2**63 - 1  # SQLite's largest integer
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -96,7 +97,7 @@ def _common_options() -> argparse.ArgumentParser:
 
 
 def _scope_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--bid-year", type=int, required=True, metavar="Y")
+    parser.add_argument("--bid-year", type=_bid_year, required=True, metavar="Y")
     parser.add_argument("--area", required=True, metavar="A")
 
 
@@ -104,6 +105,15 @@ def _natural(text: str) -> int:
     value = int(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"{text} is negative")
+    if value > MAX_INT:
+        raise argparse.ArgumentTypeError(f"{text} is larger than any event id ({MAX_INT})")
+    return value
+
+
+def _bid_year(text: str) -> int:
+    value = int(text)
+    if not 2000 <= value <= 2100:
+        raise argparse.ArgumentTypeError(f"{text} is not a bid year (2000-2100)")
     return value
 
 
@@ -183,7 +193,11 @@ async def run_state(args: argparse.Namespace) -> int:
     if state is None:
         print(f"bidlog: area {args.bid_year}/{args.area} had no event by then", file=sys.stderr)
         return 1
-    sys.stdout.buffer.write(codec.encode_json_line(render(state)))
+    try:
+        sys.stdout.buffer.write(codec.encode_json_line(render(state)))
+        sys.stdout.flush()
+    except BrokenPipeError:
+        return tools.output_closed("state")
     return 0
 
 
@@ -199,6 +213,9 @@ async def run_timeline(args: argparse.Namespace) -> int:
                 return 1
             events, after = page
             out.write(b"".join(codec.encode_json_line(e) for e in events))
+        out.flush()
+    except BrokenPipeError:
+        return tools.output_closed("timeline")
     except DomainError as exc:
         print(f"bidlog: {exc.code}: {exc.message}", file=sys.stderr)
         return 1

@@ -44,7 +44,10 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
         "only; works while a worker serves.",
     )
     export.add_argument(
-        "--out", type=Path, metavar="FILE", help="write FILE (atomically) instead of stdout"
+        "--out",
+        type=Path,
+        metavar="FILE",
+        help="write FILE (atomically) instead of stdout ('-' is stdout)",
     )
     export.set_defaults(handler=run_export)
     restore = sub.add_parser(
@@ -104,6 +107,12 @@ def settings_of(args: argparse.Namespace) -> Settings:
     )
 
 
+def output_closed(command: str) -> int:
+    """Stdout's reader went away (``| head``): say so once, exit 1, no traceback."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit
+    return _fail(f"{command}: the reader closed the output early")
+
+
 def _fail(message: str) -> int:
     print(f"bidlog: {message}", file=sys.stderr)
     return 1
@@ -155,6 +164,8 @@ async def _feed(args: argparse.Namespace, replay: Replay) -> None:
 
 
 async def run_export(args: argparse.Namespace) -> int:
+    if args.out == Path("-"):
+        args.out = None  # stdout, as `replay` reads `-` as stdin
     if args.out is not None:
         try:
             archive.refuse_overwrite(args.db, args.out)
@@ -171,8 +182,7 @@ async def run_export(args: argparse.Namespace) -> int:
                 archive.publish(tmp, args.out)
             print(f"bidlog: exported {count} events to {args.out}", file=sys.stderr)
     except BrokenPipeError:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit
-        return _fail("export: the reader closed the output early")
+        return output_closed("export")
     except OSError as exc:
         return _fail(f"export: cannot write {args.out}: {exc.strerror or exc}")
     except (sqlite3.Error, StoreError) as exc:

@@ -387,7 +387,7 @@ FIELD_RULES: list[tuple[str, dict[str, Any], str]] = [
     ("max_per_day zero", command("open_round", round=1, max_per_day=0), "$.max_per_day"),
     ("max_per_day 1001", command("open_round", round=1, max_per_day=1001), "$.max_per_day"),
     ("label 101", command("checkpoint", label="x" * 101), "$.label"),
-    ("to_event zero", command("rollback", to_event=0), "$.to_event"),
+    ("to_event too large", command("rollback", to_event=2**63), "$.to_event"),
     ("update crew", command("update_user", initials="AB", crew=9), "$.crew"),
     ("at_time without timezone", get_state(at_time="2026-07-01T12:00:00"), "$.at_time"),
     ("at_time garbage", get_state(at_time="yesterday"), "$.at_time"),

@@ -83,6 +83,11 @@ async def test_state_at_a_time_is_the_scopes_last_event_by_then(tmp_path: Path) 
         assert await store.state_at(NORTH, at_time=START) is None
         local = START.astimezone(dt.timezone(dt.timedelta(hours=-5))) + dt.timedelta(hours=1)
         assert await store.state_at(NORTH, at_time=local) == driver.ledger.state(NORTH)
+        # Times whose UTC form leaves the calendar: after, or before, every event.
+        far = dt.datetime(9999, 12, 31, 23, 59, tzinfo=dt.timezone(-dt.timedelta(hours=1)))
+        assert await store.state_at(NORTH, at_time=far) == driver.ledger.state(NORTH)
+        first = dt.datetime(1, 1, 1, tzinfo=dt.timezone(dt.timedelta(hours=1)))
+        assert await store.state_at(NORTH, at_time=first) is None
         with pytest.raises(ValueError, match="time zone"):
             await store.state_at(NORTH, at_time=dt.datetime(2026, 11, 26))
         with pytest.raises(ValueError, match="not both"):

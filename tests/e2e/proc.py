@@ -16,12 +16,17 @@ BIN = Path(sys.executable).parent / "bidlog"
 
 
 def bidlog(
-    *args: str | Path, stdin: bytes = b"", timeout: float = 60, env: dict[str, str] | None = None
+    *args: str | Path,
+    stdin: bytes = b"",
+    timeout: float = 60,
+    env: dict[str, str] | None = None,
+    cwd: Path | None = None,
 ) -> subprocess.CompletedProcess[bytes]:
     """Run ``bidlog ARGS`` to completion."""
     return subprocess.run(
         [str(BIN), *map(str, args)],
         input=stdin,
+        cwd=cwd,
         capture_output=True,
         timeout=timeout,
         env={**os.environ, **(env or {})},

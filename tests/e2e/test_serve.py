@@ -91,6 +91,32 @@ def test_state_and_timeline_commands(tmp_path: Path) -> None:
     assert [e["seq"] for e in replies(timeline.stdout)] == list(range(1, 10))
     missing = bidlog("state", "--bid-year", "2026", "--area", "West", "--db", db)
     assert missing.returncode == 1 and missing.stdout == b""
+    # Times whose UTC form leaves the calendar are after, or before, every event.
+    scope = ("--bid-year", "2026", "--area", "North", "--db", db)
+    late = bidlog("state", *scope, "--at-time", "9999-12-31T23:59:59-01:00")
+    assert replies(late.stdout)[0]["head_event"] == 11
+    early = bidlog("state", *scope, "--at-time", "0001-01-01T00:00:00+01:00")
+    assert early.returncode == 1 and b"Traceback" not in early.stderr
+    assert b"had no event by then" in early.stderr
+
+
+@pytest.mark.parametrize("command", ["state", "timeline", "export"])
+def test_a_reader_that_closes_the_pipe_early_gets_no_traceback(
+    tmp_path: Path, command: str
+) -> None:
+    db = tmp_path / "b.sqlite3"
+    bidlog("serve", "--db", db, stdin=EXAMPLE.read_bytes())
+    scope = [] if command == "export" else ["--bid-year", "2026", "--area", "North"]
+    with subprocess.Popen(
+        [str(BIN), command, *scope, "--db", str(db)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    ) as proc:
+        assert proc.stdout is not None and proc.stderr is not None
+        proc.stdout.close()  # as `| head -0` does, before anything is written
+        err = proc.stderr.read()
+        assert proc.wait(timeout=60) == 1
+    assert b"the reader closed the output early" in err and b"Traceback" not in err
 
 
 @pytest.mark.parametrize(
@@ -100,10 +126,17 @@ def test_state_and_timeline_commands(tmp_path: Path) -> None:
         ["state", "--bid-year", "2026", "--area", "N", "--at-event", "1", "--at-time", "x"],
         ["serve", "--synchronous", "sometimes"],
         ["frobnicate"],
+        ["state", "--bid-year", "99999999999999999999", "--area", "N"],
+        ["state", "--bid-year", "1999", "--area", "N"],
+        ["timeline", "--bid-year", "2101", "--area", "N"],
+        ["state", "--bid-year", "2026", "--area", "N", "--at-event", "9223372036854775808"],
+        ["timeline", "--bid-year", "2026", "--area", "N", "--after-event", "-1"],
     ],
 )
 def test_bad_usage_exits_2(args: list[str]) -> None:
-    assert bidlog(*args).returncode == 2
+    done = bidlog(*args)
+    assert done.returncode == 2
+    assert b"Traceback" not in done.stderr
 
 
 def test_every_command_has_help() -> None:

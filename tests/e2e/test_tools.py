@@ -212,6 +212,13 @@ def _events(db: Path) -> int:
 # -- export / import -------------------------------------------------------------------
 
 
+def test_export_to_dash_is_stdout(example_db: Path, tmp_path: Path) -> None:
+    dash = bidlog("export", "--db", example_db, "--out", "-", cwd=tmp_path)
+    plain = bidlog("export", "--db", example_db)
+    assert dash.returncode == 0 and dash.stdout == plain.stdout != b""
+    assert not (tmp_path / "-").exists()
+
+
 def test_export_import_round_trip(example_db: Path, tmp_path: Path) -> None:
     exported = bidlog("export", "--db", example_db)
     assert exported.returncode == 0

@@ -187,7 +187,7 @@ BAD: list[tuple[str, dict[str, Any], str]] = [
     ("withdraw_bid", {"initials": "A1"}, "$.initials"),
     ("finalize_round", {"round": 0}, "$.round"),
     ("checkpoint", {"label": "l" * 101}, "$.label"),
-    ("rollback", {"to_event": 0}, "$.to_event"),
+    ("rollback", {"to_event": 2**63}, "$.to_event"),
     ("rollback", {"to_event": DELETE}, "to_event"),
     ("get_state", {"at_event": -1}, "$.at_event"),
     ("timeline", {"limit": 10001}, "$.limit"),

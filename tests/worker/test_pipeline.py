@@ -184,6 +184,8 @@ async def test_every_domain_rule_through_the_pipeline(db: Path) -> None:
             open_round(2, max_per_day=5),
             bid("AB", ["2026-07-01"], number=2),  # day_already_held
             msg("rollback", bid_year=2026, area="North", to_event=999),  # invalid target
+            msg("rollback", bid_year=2026, area="North", to_event=0),  # no event 0
+            msg("rollback", bid_year=2026, area="North", to_event=-1),
             create_area(expected_seq=0),  # version_conflict (seq of North is not 0)
         )
     codes = [r["error"]["code"] if not r["ok"] else "ok" for r in replies]
@@ -203,6 +205,8 @@ async def test_every_domain_rule_through_the_pipeline(db: Path) -> None:
         "round_out_of_order",
         "ok",
         "day_already_held",
+        "invalid_rollback_target",
+        "invalid_rollback_target",
         "invalid_rollback_target",
         "version_conflict",
     ]

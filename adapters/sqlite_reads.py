@@ -1,8 +1,10 @@
 """Reads, run on the database thread: each function takes the ``sqlite3`` connection.
 
 A scope's state at a point is its newest snapshot at or before the point plus the
-events of the scope after that snapshot, folded with ``domain.evolve.replay``: never a
-replay from the beginning when a snapshot exists.
+events of the scope after that snapshot, folded with ``domain.evolve``: never a replay
+from the beginning when a snapshot exists. That snapshot is trusted only once the scope's
+events since the snapshot before it replay to it, so a snapshot altered behind the
+store's back is an ``IntegrityError``, not a state served or restored by a rollback.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from adapters.sqlite_rows import (
     event_dict,
     row_event,
 )
-from domain.evolve import replay
+from domain.errors import IntegrityError
+from domain.evolve import evolve
 from domain.records import Ack
 from domain.state import ScopeKey, ScopeState
 
@@ -55,20 +58,57 @@ def head(conn: sqlite3.Connection) -> Head:
 
 
 def point(conn: sqlite3.Connection, key: ScopeKey, upto: int = END) -> Point | None:
-    """The scope's state after its last event with ``event_id <= upto``."""
-    snap = conn.execute(
+    """The scope's state after its last event with ``event_id <= upto``.
+
+    Replays from the second newest snapshot at or before ``upto`` (or the scope's start),
+    checking on the way that the newest one equals the replay; raises ``IntegrityError``
+    naming the newest snapshot's event if not. At most two snapshot intervals are read.
+    """
+    snaps = conn.execute(
         "SELECT event_id, state FROM snapshots WHERE bid_year = ? AND area = ? "
-        "AND event_id <= ? ORDER BY event_id DESC LIMIT 1",
+        "AND event_id <= ? ORDER BY event_id DESC LIMIT 2",
         (*key, upto),
-    ).fetchone()
-    base, after = (None, 0) if snap is None else (decode_state(snap[1]), snap[0])
+    ).fetchall()
+    newest: tuple[int, str] | None = snaps[0] if snaps else None
+    base, after = (decode_state(snaps[1][1]), snaps[1][0]) if len(snaps) == 2 else (None, 0)
     rows = conn.execute(
         f"SELECT {EVENT_COLUMNS} FROM events WHERE bid_year = ? AND area = ? "
         "AND event_id > ? AND event_id <= ? ORDER BY event_id",
         (*key, after, upto),
     ).fetchall()
-    state = replay(base, map(row_event, rows))
-    return None if state is None else Point(state, len(rows))
+    state, since = base, 0
+    for row in rows:
+        state = _evolve(state, row)
+        since += 1
+        if newest is not None and row[0] == newest[0]:
+            _check_snapshot(newest, state)
+            since, newest = 0, None
+    if newest is not None:
+        _check_snapshot(newest, None)  # no event of this scope has the snapshot's id
+    return None if state is None else Point(state, since)
+
+
+def _evolve(state: ScopeState | None, row: Row) -> ScopeState:
+    try:
+        return evolve(state, row_event(row))
+    except Exception as exc:
+        raise IntegrityError(
+            f"event {row[0]} does not replay ({exc!r}); run `bidlog verify`", event_id=row[0]
+        ) from exc
+
+
+def _check_snapshot(snapshot: tuple[int, str], replayed: ScopeState | None) -> None:
+    event_id, text = snapshot
+    try:
+        stored = decode_state(text)
+    except Exception:
+        stored = None
+    if stored is None or stored != replayed:
+        raise IntegrityError(
+            f"snapshot of event {event_id} differs from the replay of its scope's events; "
+            "run `bidlog verify`",
+            event_id=event_id,
+        )
 
 
 def last_event_at(conn: sqlite3.Connection, at_time: str) -> int:

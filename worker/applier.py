@@ -118,6 +118,9 @@ class Applier:
                 return
             assert isinstance(message, BaseQuery)
             reply = _Reply(outbox, await self._query(message), tentative=False)
+        except errors.DomainError as exc:  # the log does not check out (integrity_error)
+            log.error("%s refused: %s", message.id, exc.message)
+            reply = _Reply(outbox, _error(message.id, exc), tentative=False)
         except Exception:
             log.exception("internal error while handling a message")
             reply = _Reply(outbox, _internal(item), tentative=False)

@@ -188,6 +188,9 @@ async def run_state(args: argparse.Namespace) -> int:
             state = await store.state_at(key)
         else:
             state = await store.state_at(key, at_event=args.at_event, at_time=args.at_time)
+    except DomainError as exc:
+        print(f"bidlog: {exc.code}: {exc.message}", file=sys.stderr)
+        return 1
     finally:
         await store.close()
     if state is None:

@@ -13,6 +13,7 @@ import pytest
 
 from adapters import sqlite_store
 from adapters.sqlite_store import SqliteStore
+from domain.errors import IntegrityError
 from domain.records import Recovered
 from domain.state import ScopeKey, render
 from tests.adapters.store_support import (
@@ -115,11 +116,14 @@ async def test_event_state_only_for_an_event_of_the_scope(tmp_path: Path) -> Non
         assert await store.event_state(NEVER, 1) is None
 
 
-async def test_reads_start_at_the_newest_snapshot(tmp_path: Path) -> None:
-    """Spoil North's event 2 (before the finalize snapshot at 9): reads after the snapshot
-    still work, which they could not if they replayed from the beginning."""
+async def test_reads_replay_from_the_snapshot_before_the_newest(tmp_path: Path) -> None:
+    """Spoil North's event 2 (before its snapshots at 9 and two checkpoints after): reads
+    of now still work, which they could not if they replayed from the beginning; a read
+    that does replay event 2 says which event is bad."""
     db = tmp_path / "db.sqlite3"
     async with scenario_store(db) as (store, driver):
+        await driver.run(checkpoint(label="one"))
+        await driver.run(checkpoint(label="two"))
         expected = driver.ledger.state(NORTH)
     with sqlite3.connect(db) as conn:
         conn.execute("DROP TRIGGER events_no_update")
@@ -127,9 +131,36 @@ async def test_reads_start_at_the_newest_snapshot(tmp_path: Path) -> None:
     store = await SqliteStore.open(db)
     try:
         assert await store.state_at(NORTH) == expected
-        assert await store.state_at(NORTH, at_event=9) == driver.expected(NORTH, 9)
-        with pytest.raises(KeyError):
-            await store.state_at(NORTH, at_event=8)
+        with pytest.raises(IntegrityError, match="event 2 does not replay") as caught:
+            await store.state_at(NORTH, at_event=9)
+        assert caught.value.details == {"event_id": 2}
+    finally:
+        await store.close()
+
+
+async def test_a_snapshot_altered_behind_the_stores_back_is_never_served(
+    tmp_path: Path,
+) -> None:
+    db = tmp_path / "db.sqlite3"
+    async with scenario_store(db) as (store, driver):
+        await driver.run(checkpoint(label="one"))
+        newest = driver.entries[-1].event.event_id
+        good = driver.ledger.state(NORTH)
+    assert good is not None and good.users
+    with sqlite3.connect(db) as conn:
+        conn.execute("DROP TRIGGER snapshots_no_update")
+        conn.execute(
+            "UPDATE snapshots SET state = replace(state, ?, 'Forged') WHERE event_id = ?",
+            (good.users[0].name, newest),
+        )
+    store = await SqliteStore.open(db)
+    try:
+        for read in (store.recover(), store.state_at(NORTH), store.event_state(NORTH, newest)):
+            with pytest.raises(IntegrityError, match=f"snapshot of event {newest} differs"):
+                await read
+        assert await store.state_at(NORTH, at_event=newest - 1) == driver.expected(
+            NORTH, newest - 1
+        )
     finally:
         await store.close()
 

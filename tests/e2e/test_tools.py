@@ -18,7 +18,7 @@ import msgspec
 import pytest
 
 from tests.e2e.proc import BIN, SocketClient, bidlog, replies, start_socket_worker
-from tests.wire import EXAMPLE, bid, create_area, line, open_round, register
+from tests.wire import EXAMPLE, bid, create_area, get_state, line, msg, open_round, register
 
 INITIALS = ["".join(p) for p in itertools.product(string.ascii_uppercase, repeat=2)]
 
@@ -292,6 +292,44 @@ def test_verify_catches_tampering_behind_the_stores_back(
     error = summary(done)
     assert error["code"] == "integrity_error"
     assert error["details"]["event_id"] == bad_event
+
+
+def _forge_snapshot(db: Path, event_id: int) -> None:
+    conn = sqlite3.connect(db)
+    conn.execute("DROP TRIGGER snapshots_no_update")
+    forged = conn.execute(
+        "UPDATE snapshots SET state = replace(state, 'Ann Bell', 'Eve Bell') WHERE event_id = ?",
+        (event_id,),
+    )
+    assert forged.rowcount == 1
+    conn.commit()
+    conn.close()
+
+
+def test_a_worker_will_not_start_on_a_forged_newest_snapshot(example_db: Path) -> None:
+    _forge_snapshot(example_db, 11)
+    fails_cleanly(
+        bidlog("serve", "--db", example_db, stdin=line(create_area("South"))),
+        "snapshot of event 11 differs from the replay",
+    )
+    state = bidlog("state", "--bid-year", "2026", "--area", "North", "--db", example_db)
+    fails_cleanly(state, "integrity_error: snapshot of event 11 differs")
+    assert sql(example_db, "SELECT max(event_id) FROM events") == [(11,)]
+
+
+def test_a_forged_older_snapshot_is_neither_served_nor_restored(example_db: Path) -> None:
+    _forge_snapshot(example_db, 9)
+    rollback = msg("rollback", bid_year=2026, area="North", to_event=9)
+    past = msg("get_state", bid_year=2026, area="North", at_event=9)
+    feed = line(rollback) + line(past) + line(get_state())
+    done = bidlog("serve", "--db", example_db, stdin=feed)
+    assert done.returncode == 0  # the snapshots that "now" rests on (10, 11) are sound
+    refused, also_refused, now = replies(done.stdout)
+    for reply in (refused, also_refused):
+        assert reply["error"]["code"] == "integrity_error"
+        assert reply["error"]["details"] == {"event_id": 9}
+    assert now["result"]["users"][0]["name"] == "Ann Bell"
+    assert sql(example_db, "SELECT max(event_id) FROM events") == [(11,)]
 
 
 # -- reading while a worker serves -----------------------------------------------------

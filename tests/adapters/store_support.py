@@ -4,6 +4,7 @@ remembering every scope's state after every event to compare the store's reads w
 from __future__ import annotations
 
 import datetime as dt
+import sqlite3
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,7 @@ from typing import Any
 import msgspec
 
 from adapters.canonical import digest
+from adapters.sqlite_schema import PROTECTED_TABLES
 from adapters.sqlite_store import SqliteStore
 from domain.commands import (
     Actor,
@@ -209,3 +211,13 @@ class Driver:
 
 async def open_store(path: Path, **kw: Any) -> SqliteStore:
     return await SqliteStore.open(path, **kw)
+
+
+def tamper(db: Path, *statements: str) -> None:
+    """Change the log behind the store's back: drop its guard triggers, then run SQL."""
+    with sqlite3.connect(db) as conn:
+        for table in PROTECTED_TABLES:
+            for verb in ("update", "delete"):
+                conn.execute(f"DROP TRIGGER IF EXISTS {table}_no_{verb}")
+        for statement in statements:
+            conn.execute(statement)

@@ -4,7 +4,6 @@ timeline pages, areas, recovery and export, identical after close and reopen."""
 from __future__ import annotations
 
 import datetime as dt
-import sqlite3
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -25,6 +24,7 @@ from tests.adapters.store_support import (
     create,
     register,
     scenario,
+    tamper,
     with_auto_checkpoints,
 )
 
@@ -125,9 +125,7 @@ async def test_reads_replay_from_the_snapshot_before_the_newest(tmp_path: Path) 
         await driver.run(checkpoint(label="one"))
         await driver.run(checkpoint(label="two"))
         expected = driver.ledger.state(NORTH)
-    with sqlite3.connect(db) as conn:
-        conn.execute("DROP TRIGGER events_no_update")
-        conn.execute("UPDATE events SET after = '{\"nonsense\": 1}' WHERE event_id = 2")
+    tamper(db, "UPDATE events SET after = '{\"nonsense\": 1}' WHERE event_id = 2")
     store = await SqliteStore.open(db)
     try:
         assert await store.state_at(NORTH) == expected
@@ -147,12 +145,12 @@ async def test_a_snapshot_altered_behind_the_stores_back_is_never_served(
         newest = driver.entries[-1].event.event_id
         good = driver.ledger.state(NORTH)
     assert good is not None and good.users
-    with sqlite3.connect(db) as conn:
-        conn.execute("DROP TRIGGER snapshots_no_update")
-        conn.execute(
-            "UPDATE snapshots SET state = replace(state, ?, 'Forged') WHERE event_id = ?",
-            (good.users[0].name, newest),
-        )
+    name = good.users[0].name
+    tamper(
+        db,
+        f"UPDATE snapshots SET state = replace(state, '{name}', 'Forged') "
+        f"WHERE event_id = {newest}",
+    )
     store = await SqliteStore.open(db)
     try:
         for read in (store.recover(), store.state_at(NORTH), store.event_state(NORTH, newest)):

@@ -11,10 +11,9 @@ import pytest
 from adapters import sqlite_verify
 from adapters.canonical import chain_hash
 from adapters.sqlite_rows import EVENT_COLUMNS, event_dict
-from adapters.sqlite_schema import PROTECTED_TABLES
 from adapters.sqlite_store import SqliteStore
 from domain.errors import IntegrityError
-from tests.adapters.store_support import Driver, scenario
+from tests.adapters.store_support import Driver, scenario, tamper
 
 CLEAN = {"events": 14, "snapshots": 3}
 
@@ -25,15 +24,6 @@ async def build(db: Path) -> None:
         await Driver(store).run(*scenario())
     finally:
         await store.close()
-
-
-def tamper(db: Path, *statements: str) -> None:
-    with sqlite3.connect(db) as conn:
-        for table in PROTECTED_TABLES:
-            for verb in ("update", "delete"):
-                conn.execute(f"DROP TRIGGER IF EXISTS {table}_no_{verb}")
-        for statement in statements:
-            conn.execute(statement)
 
 
 def rehash_from(db: Path, first: int) -> None:

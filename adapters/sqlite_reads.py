@@ -70,7 +70,7 @@ def point(conn: sqlite3.Connection, key: ScopeKey, upto: int = END) -> Point | N
         (*key, upto),
     ).fetchall()
     newest: tuple[int, str] | None = snaps[0] if snaps else None
-    base, after = (decode_state(snaps[1][1]), snaps[1][0]) if len(snaps) == 2 else (None, 0)
+    base, after = (_snapshot_state(*snaps[1]), snaps[1][0]) if len(snaps) == 2 else (None, 0)
     rows = conn.execute(
         f"SELECT {EVENT_COLUMNS} FROM events WHERE bid_year = ? AND area = ? "
         "AND event_id > ? AND event_id <= ? ORDER BY event_id",
@@ -97,13 +97,19 @@ def _evolve(state: ScopeState | None, row: Row) -> ScopeState:
         ) from exc
 
 
+def _snapshot_state(event_id: int, text: str) -> ScopeState:
+    try:
+        return decode_state(text)
+    except Exception as exc:
+        raise IntegrityError(
+            f"snapshot of event {event_id} cannot be decoded ({exc}); run `bidlog verify`",
+            event_id=event_id,
+        ) from exc
+
+
 def _check_snapshot(snapshot: tuple[int, str], replayed: ScopeState | None) -> None:
     event_id, text = snapshot
-    try:
-        stored = decode_state(text)
-    except Exception:
-        stored = None
-    if stored is None or stored != replayed:
+    if _snapshot_state(event_id, text) != replayed:
         raise IntegrityError(
             f"snapshot of event {event_id} differs from the replay of its scope's events; "
             "run `bidlog verify`",

@@ -156,6 +156,9 @@ async def test_a_snapshot_altered_behind_the_stores_back_is_never_served(
         for read in (store.recover(), store.state_at(NORTH), store.event_state(NORTH, newest)):
             with pytest.raises(IntegrityError, match=f"snapshot of event {newest} differs"):
                 await read
+        tamper(db, f"UPDATE snapshots SET state = '{{' WHERE event_id = {newest}")
+        with pytest.raises(IntegrityError, match=f"snapshot of event {newest} cannot be decoded"):
+            await store.state_at(NORTH)
         assert await store.state_at(NORTH, at_event=newest - 1) == driver.expected(
             NORTH, newest - 1
         )

@@ -7,6 +7,7 @@ to echo the message id when it is usable (PROTOCOL sections 3, 4 and 8).
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any
 
@@ -71,7 +72,7 @@ def decode(line: bytes) -> Decoded:
     except msgspec.ValidationError as exc:
         raise _classify(line, str(exc)) from None
     except (msgspec.DecodeError, UnicodeDecodeError) as exc:
-        raise _malformed(exc) from None
+        raise _malformed(exc, line) from None
     except RecursionError:
         raise _too_deep() from None
     # A command encodes back to exactly the canonical form of the line (see BaseCommand).
@@ -83,13 +84,13 @@ def _classify(line: bytes, error: str) -> DecodeFailure:
     try:
         line.decode()  # msgspec skips unknown fields' values without checking their UTF-8
     except UnicodeDecodeError as exc:
-        return _malformed(exc)
+        return _malformed(exc, line)
     try:
         envelope = _envelope_decoder.decode(line)
     except msgspec.ValidationError:
         return DecodeFailure("invalid_message", "a message must be a JSON object", _at("$"), None)
     except (msgspec.DecodeError, UnicodeDecodeError) as exc:
-        return _malformed(exc)
+        return _malformed(exc, line)
     except RecursionError:
         return _too_deep()
     message_id = _usable_id(envelope.get("id"))
@@ -151,10 +152,50 @@ def _at(path: str) -> dict[str, Any]:
     return {"path": path}
 
 
-def _malformed(exc: Exception) -> DecodeFailure:
+def _malformed(exc: Exception, line: bytes) -> DecodeFailure:
     if isinstance(exc, UnicodeDecodeError):
         return DecodeFailure("malformed_json", f"invalid UTF-8: {exc.reason}", {}, None)
+    lone = _lone_surrogate(line)
+    if lone is not None:
+        return lone
     return DecodeFailure("malformed_json", str(exc), {}, None)
+
+
+def _lone_surrogate(line: bytes) -> DecodeFailure | None:
+    """A ``\\ud800`` escape with no pair is in JSON's grammar, but it is no character and
+    UTF-8 cannot carry it; msgspec refuses it with a misleading message ("Input data was
+    truncated"). If that is what is wrong with ``line``, say so, and echo the id when it
+    is usable; else None. Runs only for lines msgspec refused."""
+    try:
+        value = json.loads(line, parse_constant=_no_constant)
+    except (ValueError, RecursionError):
+        return None
+    if not _has_surrogate(value):
+        return None
+    message_id = value.get("id") if isinstance(value, dict) else None
+    usable = isinstance(message_id, str) and 1 <= len(message_id) <= 128
+    if usable and _has_surrogate(message_id):
+        usable = False
+    return DecodeFailure(
+        "malformed_json",
+        "a \\u escape names a lone UTF-16 surrogate, which is not a character",
+        {},
+        message_id if usable else None,
+    )
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _has_surrogate(value: Any) -> bool:
+    if isinstance(value, str):
+        return any("\ud800" <= c <= "\udfff" for c in value)
+    if isinstance(value, dict):
+        return any(_has_surrogate(k) or _has_surrogate(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_has_surrogate(v) for v in value)
+    return False
 
 
 def _too_deep() -> DecodeFailure:

@@ -230,6 +230,23 @@ def test_lines_that_are_not_json_are_malformed_with_a_null_id(line: bytes) -> No
     assert error.message
 
 
+@pytest.mark.parametrize(
+    ("line", "message_id"),
+    [
+        (b'{"id":"m-1","type":"get_state","bid_year":2026,"area":"\\ud800"}', "m-1"),
+        (b'{"id":"m-1","type":"verify","x":"a\\udc00b"}', "m-1"),  # schema fails first
+        (b'{"\\ud800":1,"id":"m-1","type":"verify"}', "m-1"),
+        (b'{"id":"\\ud800","type":"verify"}', None),  # the id itself is no text
+    ],
+)
+def test_a_lone_surrogate_escape_is_named_and_a_usable_id_echoed(
+    line: bytes, message_id: str | None
+) -> None:
+    error = failure(line)
+    assert (error.code, error.message_id) == ("malformed_json", message_id)
+    assert "lone UTF-16 surrogate" in error.message  # not msgspec's "truncated"
+
+
 # --- envelope -----------------------------------------------------------------------------------
 
 

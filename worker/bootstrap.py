@@ -79,12 +79,14 @@ async def serving(settings: Settings, clock: Clock | None = None) -> AsyncIterat
             raise FatalError(f"cannot recover {settings.db}: {exc}") from exc
         ledger = Ledger(recovered, checkpoint_every=settings.checkpoint_every)
         tune_gc()
+        start = await store.head()
         log.info(
             "worker started",
             extra={
                 "db": str(settings.db),
                 "scopes": len(recovered.scopes),
-                "head_event": recovered.head_event,
+                "head_event": start.event_id,
+                "head_hash": start.hash,
                 "synchronous": settings.synchronous,
             },
         )
@@ -92,5 +94,9 @@ async def serving(settings: Settings, clock: Clock | None = None) -> AsyncIterat
         async with running(Worker(applier, max_batch=settings.max_batch)) as worker:
             yield worker
     finally:
+        # The head at stop and at the next start must match: kept logs are an anchor
+        # outside the file (the chain alone cannot show its newest events cut off).
+        end = await store.head()
         await store.close()
-        log.info("worker stopped", extra={"db": str(settings.db)})
+        extra = {"db": str(settings.db), "head_event": end.event_id, "head_hash": end.hash}
+        log.info("worker stopped", extra=extra)

@@ -38,6 +38,14 @@ def test_stdin_session_runs_clean_and_logs_go_to_stderr(tmp_path: Path) -> None:
     assert all(r["ok"] for r in out)
     assert b"worker started" in done.stderr
     assert str(db).encode() in done.stderr
+    # The head at stop is logged, and is where the next start begins: an anchor for
+    # noticing the newest events cut off between runs (the chain cannot show that).
+    logs = replies(done.stderr)
+    stopped = next(x for x in logs if x["msg"] == "worker stopped")
+    assert stopped["head_event"] == 11 and len(stopped["head_hash"]) == 64
+    again = bidlog("serve", "--db", db, stdin=b"")
+    started = next(x for x in replies(again.stderr) if x["msg"] == "worker started")
+    assert (started["head_event"], started["head_hash"]) == (11, stopped["head_hash"])
 
 
 def test_stdin_from_a_regular_file_and_python_dash_m(tmp_path: Path) -> None:

@@ -17,6 +17,7 @@ worker thread.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import sqlite3
 from collections.abc import AsyncIterator, Iterable, Iterator
@@ -35,7 +36,7 @@ from adapters.sqlite_rows import (
     event_row,
     state_text,
 )
-from adapters.sqlite_schema import WriterLock, prepare_reader, schema_sql
+from adapters.sqlite_schema import WriterLock, lock_path_for, prepare_reader, schema_sql
 from adapters.sqlite_store import SqliteStore
 from adapters.sqlite_verify import Verifier
 from domain.errors import IntegrityError
@@ -286,12 +287,39 @@ def _copy(source: sqlite3.Connection, tmp: Path, out: Path, db: Path) -> dict[st
 
 
 def refuse_overwrite(db: Path, out: Path) -> None:
-    """Refuse an output path that is the database or one of SQLite's files beside it."""
+    """Refuse an output path that is the database or one of SQLite's files beside it, or
+    a database in use or not closed cleanly. Renaming a file over a database that has a
+    ``-wal`` beside it (a worker serving it, or a crash's leftover) would pair the new
+    file with the old log: a corrupt database, and acknowledged events gone."""
     if not out.parent.is_dir():
         raise ArchiveError(f"cannot write {out}: no directory {out.parent}")
     taken = {db.resolve().with_name(db.name + suffix) for suffix in ("", "-wal", "-shm")}
     if out.resolve() in taken:
         raise ArchiveError(f"{out} is the database itself (or its journal); choose another file")
+    real = out.resolve()
+    for suffix in ("-wal", "-shm"):
+        journal = real.with_name(real.name + suffix)
+        if journal.exists():
+            raise ArchiveError(
+                f"{out} is a database in use or not closed cleanly ({journal.name} is "
+                "beside it); replacing it would corrupt it. Choose another file"
+            )
+    if _held(lock_path_for(real)):
+        raise ArchiveError(f"{out} is a database a bidlog process holds; choose another file")
+
+
+def _held(lock_path: Path) -> bool:
+    try:
+        fd = os.open(lock_path, os.O_RDONLY)
+    except OSError:
+        return False  # no lock file: nobody holds it
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
 
 
 def verify_connection(conn: sqlite3.Connection, what: str = "the new database") -> dict[str, int]:

@@ -364,3 +364,36 @@ def test_backup_and_import_refuse_bad_paths(tmp_path: Path) -> None:
         archive.backup(db, tmp_path / "nowhere" / "copy.sqlite3")
     with pytest.raises(archive.ArchiveError, match="no directory"):
         archive.import_export([], tmp_path / "nowhere" / "new.sqlite3")
+
+
+async def test_backup_and_export_never_replace_a_database_in_use(
+    original: tuple[Path, list[Msg]], tmp_path: Path
+) -> None:
+    db, _ = original
+    served = tmp_path / "served.sqlite3"
+    archive.backup(db, served)
+    async with worker_on(served, clock=TickClock()) as worker, await worker.connect() as stream:
+        await stream.send(msgspec.json.encode(create_area("Late")) + b"\n")
+        assert b'"ok":true' in await stream.receive()
+        for replace in (
+            lambda: archive.backup(db, served),
+            lambda: archive.refuse_overwrite(db, served),
+        ):
+            with pytest.raises(archive.ArchiveError, match="in use or not closed cleanly"):
+                replace()
+        await stream.send_eof()
+    # Closed cleanly (no -wal left): an old backup may be replaced by a newer one.
+    assert archive.backup(db, served)["events"] > 0
+    # A crash's leftover log beside it: refused, the file is left as it was.
+    (tmp_path / "served.sqlite3-wal").write_bytes(b"x")
+    before = served.read_bytes()
+    with pytest.raises(archive.ArchiveError, match="served.sqlite3-wal is beside it"):
+        archive.backup(db, served)
+    assert served.read_bytes() == before
+    (tmp_path / "served.sqlite3-wal").unlink()
+    lock = WriterLock.acquire(served)
+    try:
+        with pytest.raises(archive.ArchiveError, match="a bidlog process holds"):
+            archive.backup(db, served)
+    finally:
+        lock.release()

@@ -387,7 +387,7 @@ async def test_backup_and_export_never_replace_a_database_in_use(
     # A crash's leftover log beside it: refused, the file is left as it was.
     (tmp_path / "served.sqlite3-wal").write_bytes(b"x")
     before = served.read_bytes()
-    with pytest.raises(archive.ArchiveError, match="served.sqlite3-wal is beside it"):
+    with pytest.raises(archive.ArchiveError, match=r"served\.sqlite3-wal is beside it"):
         archive.backup(db, served)
     assert served.read_bytes() == before
     (tmp_path / "served.sqlite3-wal").unlink()

@@ -218,9 +218,15 @@ def export_dicts(rows: list[Row]) -> list[dict[str, Any]]:
     """Rows of ``events_after`` as section-6 dicts, with ``state`` on snapshot events."""
     out = []
     for row in rows:
-        obj = event_dict(row)
-        if row[17] is not None:
-            obj["state"] = decode_rendered(row[17])
+        try:
+            obj = event_dict(row)
+            if row[17] is not None:
+                obj["state"] = decode_rendered(row[17])
+        except Exception as exc:  # a column that is not JSON: changed behind the store
+            raise IntegrityError(
+                f"event {row[0]} cannot be read back ({exc}); run `bidlog verify`",
+                event_id=row[0],
+            ) from exc
         out.append(obj)
     return out
 

@@ -70,6 +70,7 @@ def tune_gc() -> None:
 async def serving(settings: Settings, clock: Clock | None = None) -> AsyncIterator[Worker]:
     """Open the store, recover every scope, and run a worker until the block exits."""
     store = await open_store(settings, writer=True)
+    started = False
     try:
         try:
             recovered = await store.recover()
@@ -90,13 +91,16 @@ async def serving(settings: Settings, clock: Clock | None = None) -> AsyncIterat
                 "synchronous": settings.synchronous,
             },
         )
+        started = True
         applier = Applier(store, ledger, clock or SystemClock())
         async with running(Worker(applier, max_batch=settings.max_batch)) as worker:
             yield worker
     finally:
         # The head at stop and at the next start must match: kept logs are an anchor
         # outside the file (the chain alone cannot show its newest events cut off).
+        # A start that failed logs no head: it never had one it could vouch for.
         end = await store.head()
         await store.close()
-        extra = {"db": str(settings.db), "head_event": end.event_id, "head_hash": end.hash}
-        log.info("worker stopped", extra=extra)
+        if started:
+            extra = {"db": str(settings.db), "head_event": end.event_id, "head_hash": end.hash}
+            log.info("worker stopped", extra=extra)

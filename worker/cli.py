@@ -10,6 +10,7 @@ import argparse
 import datetime as dt
 import logging
 import os
+import re
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
@@ -19,6 +20,7 @@ import anyio
 
 from adapters import codec
 from adapters.transports import StdioStream, TransportError, UnixListener, bind_unix
+from domain.commands import AREA_PATTERN
 from domain.errors import DomainError
 from domain.state import render
 from worker import logs, tools
@@ -28,6 +30,7 @@ from worker.pipeline import Worker
 log = logging.getLogger("bidlog")
 Handler = Callable[[argparse.Namespace], Awaitable[int]]
 MAX_INT = 2**63 - 1  # SQLite's largest integer
+AREA = re.compile(AREA_PATTERN)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -39,6 +42,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return anyio.run(handler, args, backend="asyncio")
     except FatalError as exc:
         print(f"bidlog: {exc}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:
+        return tools.output_closed(args.command)
+    except OSError as exc:  # e.g. stdout on a full disk: one line, not a traceback
+        print(f"bidlog: {args.command}: {exc.strerror or exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
@@ -98,7 +106,7 @@ def _common_options() -> argparse.ArgumentParser:
 
 def _scope_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bid-year", type=_bid_year, required=True, metavar="Y")
-    parser.add_argument("--area", required=True, metavar="A")
+    parser.add_argument("--area", type=_area, required=True, metavar="A")
 
 
 def _natural(text: str) -> int:
@@ -108,6 +116,15 @@ def _natural(text: str) -> int:
     if value > MAX_INT:
         raise argparse.ArgumentTypeError(f"{text} is larger than any event id ({MAX_INT})")
     return value
+
+
+def _area(text: str) -> str:
+    if AREA.fullmatch(text) is None:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not an area name (letters, digits, space, _ or -; 1-32, "
+            "starting with a letter or digit)"
+        )
+    return text
 
 
 def _bid_year(text: str) -> int:
@@ -197,8 +214,7 @@ async def run_state(args: argparse.Namespace) -> int:
         print(f"bidlog: area {args.bid_year}/{args.area} had no event by then", file=sys.stderr)
         return 1
     try:
-        sys.stdout.buffer.write(codec.encode_json_line(render(state)))
-        sys.stdout.flush()
+        tools.write_out(codec.encode_json_line(render(state)))
     except BrokenPipeError:
         return tools.output_closed("state")
     return 0
@@ -208,15 +224,13 @@ async def run_timeline(args: argparse.Namespace) -> int:
     store = await open_store(settings_from(args), writer=False)
     try:
         after: int | None = args.after_event
-        out = sys.stdout.buffer
         while after is not None:
             page = await store.timeline((args.bid_year, args.area), after_event=after)
             if page is None:
                 print(f"bidlog: area {args.bid_year}/{args.area} never existed", file=sys.stderr)
                 return 1
             events, after = page
-            out.write(b"".join(codec.encode_json_line(e) for e in events))
-        out.flush()
+            tools.write_out(b"".join(codec.encode_json_line(e) for e in events))
     except BrokenPipeError:
         return tools.output_closed("timeline")
     except DomainError as exc:

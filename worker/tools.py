@@ -19,7 +19,7 @@ import msgspec
 
 from adapters import archive
 from adapters.sqlite_schema import StoreError
-from domain.errors import IntegrityError
+from domain.errors import DomainError, IntegrityError
 from worker.bootstrap import Settings, open_store, serving
 from worker.replay import Replay, ReplayError, Source, report
 
@@ -119,8 +119,24 @@ def _fail(message: str) -> int:
 
 
 def _print_json(value: Any) -> None:
-    sys.stdout.write(msgspec.json.encode(value).decode() + "\n")
-    sys.stdout.flush()
+    write_out(msgspec.json.encode(value) + b"\n")
+
+
+def write_out(data: bytes, out: IO[bytes] | None = None, *, flush: bool = True) -> None:
+    """Write all of ``data`` to ``out`` (stdout), then flush it unless told not to.
+
+    A buffered write into a pipe whose reader left returns the short count it managed
+    instead of raising; the next write then raises ``BrokenPipeError``, as callers expect.
+    """
+    out = out or sys.stdout.buffer
+    view = memoryview(data)
+    while view:
+        written = out.write(view)
+        if not written:
+            raise BrokenPipeError("the output accepts nothing more")
+        view = view[written:]
+    if flush:
+        out.flush()
 
 
 # -- replay ----------------------------------------------------------------------------
@@ -184,9 +200,11 @@ async def run_export(args: argparse.Namespace) -> int:
     except BrokenPipeError:
         return output_closed("export")
     except OSError as exc:
-        return _fail(f"export: cannot write {args.out}: {exc.strerror or exc}")
+        return _fail(f"export: cannot write {args.out or 'stdout'}: {exc.strerror or exc}")
     except (sqlite3.Error, StoreError) as exc:
         return _fail(f"export: cannot read {args.db}: {exc}")
+    except DomainError as exc:  # integrity_error: nothing is published to --out
+        return _fail(f"export: {exc.code}: {exc.message}")
     finally:
         await store.close()
     return 0
@@ -195,7 +213,7 @@ async def run_export(args: argparse.Namespace) -> int:
 async def _export(store: Any, out: IO[bytes]) -> int:
     count = 0
     async for line in archive.export_lines(store):
-        out.write(line)
+        write_out(line, out, flush=False)
         count += 1
     out.flush()
     return count

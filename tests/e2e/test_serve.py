@@ -6,6 +6,7 @@ import os
 import signal
 import sqlite3
 import stat
+import string
 import subprocess
 import sys
 import tempfile
@@ -108,13 +109,13 @@ def test_state_and_timeline_commands(tmp_path: Path) -> None:
     assert b"had no event by then" in early.stderr
 
 
-@pytest.mark.parametrize("command", ["state", "timeline", "export"])
+@pytest.mark.parametrize("command", ["state", "timeline", "export", "verify"])
 def test_a_reader_that_closes_the_pipe_early_gets_no_traceback(
     tmp_path: Path, command: str
 ) -> None:
     db = tmp_path / "b.sqlite3"
     bidlog("serve", "--db", db, stdin=EXAMPLE.read_bytes())
-    scope = [] if command == "export" else ["--bid-year", "2026", "--area", "North"]
+    scope = [] if command in ("export", "verify") else ["--bid-year", "2026", "--area", "North"]
     with subprocess.Popen(
         [str(BIN), command, *scope, "--db", str(db)],
         stdout=subprocess.PIPE,
@@ -139,6 +140,8 @@ def test_a_reader_that_closes_the_pipe_early_gets_no_traceback(
         ["timeline", "--bid-year", "2101", "--area", "N"],
         ["state", "--bid-year", "2026", "--area", "N", "--at-event", "9223372036854775808"],
         ["timeline", "--bid-year", "2026", "--area", "N", "--after-event", "-1"],
+        ["state", "--bid-year", "2026", "--area", "bad/area"],
+        ["timeline", "--bid-year", "2026", "--area", ""],
     ],
 )
 def test_bad_usage_exits_2(args: list[str]) -> None:
@@ -292,3 +295,25 @@ def test_sigterm_on_stdin_answers_what_was_read_then_exits_0(tmp_path: Path) -> 
     proc.stdin.close()
     proc.stdout.close()
     assert all(r["ok"] for r in replies(b"".join(first)))
+
+
+def test_a_reader_that_leaves_part_way_through_a_large_state_is_noticed(tmp_path: Path) -> None:
+    """Past the pipe's 64 KiB a buffered write returns short instead of raising."""
+    db = tmp_path / "b.sqlite3"
+    letters = string.ascii_uppercase
+    users = [register(a + b, name="N" * 100) for a in letters for b in letters]
+    feed = b"".join(map(line, [create_area(), *users]))
+    assert bidlog("serve", "--db", db, stdin=feed).returncode == 0
+    size = len(bidlog("state", "--bid-year", "2026", "--area", "North", "--db", db).stdout)
+    assert size > 3 * 65536
+    with subprocess.Popen(
+        [str(BIN), "state", "--bid-year", "2026", "--area", "North", "--db", str(db)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    ) as proc:
+        assert proc.stdout is not None and proc.stderr is not None
+        assert len(proc.stdout.read(10)) == 10  # as `| head -c 10` does
+        proc.stdout.close()
+        err = proc.stderr.read()
+        assert proc.wait(timeout=60) == 1
+    assert b"the reader closed the output early" in err and b"Traceback" not in err

@@ -314,7 +314,25 @@ def test_a_worker_will_not_start_on_a_forged_newest_snapshot(example_db: Path) -
     )
     state = bidlog("state", "--bid-year", "2026", "--area", "North", "--db", example_db)
     fails_cleanly(state, "integrity_error: snapshot of event 11 differs")
+    serve = bidlog("serve", "--db", example_db, stdin=b"")
+    assert b"worker stopped" not in serve.stderr  # no head vouched for by a failed start
     assert sql(example_db, "SELECT max(event_id) FROM events") == [(11,)]
+
+
+def test_export_of_a_snapshot_that_is_not_json_fails_cleanly(
+    example_db: Path, tmp_path: Path
+) -> None:
+    conn = sqlite3.connect(example_db)
+    conn.execute("DROP TRIGGER snapshots_no_update")
+    conn.execute("UPDATE snapshots SET state = '{' WHERE event_id = 10")
+    conn.commit()
+    conn.close()
+    out = tmp_path / "x.ndjson"
+    fails_cleanly(
+        bidlog("export", "--db", example_db, "--out", out),
+        "export: integrity_error: event 10 cannot be read back",
+    )
+    assert not out.exists()
 
 
 def test_a_forged_older_snapshot_is_neither_served_nor_restored(example_db: Path) -> None:

@@ -36,7 +36,13 @@ from adapters.sqlite_rows import (
     event_row,
     state_text,
 )
-from adapters.sqlite_schema import WriterLock, lock_path_for, prepare_reader, schema_sql
+from adapters.sqlite_schema import (
+    WriterLock,
+    lock_path_for,
+    prepare_reader,
+    refuse_hard_links,
+    schema_sql,
+)
 from adapters.sqlite_store import SqliteStore
 from adapters.sqlite_verify import Verifier
 from domain.errors import IntegrityError
@@ -262,6 +268,7 @@ def backup(db: Path, out: Path) -> dict[str, int]:
     then rename it into place. Returns the copy's ``{events, snapshots}``."""
     if not db.is_file():
         raise ArchiveError(f"no database at {db}")
+    refuse_hard_links(db)
     refuse_overwrite(db, out)
     with temporary_beside(out) as tmp:
         source = sqlite3.connect(_read_only_uri(db), uri=True, isolation_level=None)

@@ -100,8 +100,8 @@ class WriterLock:
     never mixes with SQLite's own POSIX locks), holding the owner's pid for messages.
 
     The lock is named after the database's real path, so a symbolic link to a database
-    takes the same lock. A database file with a second hard link is refused: SQLite
-    finds its ``-wal`` file by name, so two names would be two logs of one file.
+    takes the same lock. A database file with a second hard link is refused (see
+    ``refuse_hard_links``).
     """
 
     def __init__(self, fd: int) -> None:
@@ -110,13 +110,7 @@ class WriterLock:
     @classmethod
     def acquire(cls, db_path: Path) -> WriterLock:
         lock_path = lock_path_for(db_path)
-        links = _hard_links(db_path)
-        if links > 1:
-            raise StoreError(
-                f"database {db_path} has {links} hard links; SQLite keeps its write-ahead "
-                "log by file name, so writing through two names would fork the database. "
-                "Remove the other names (or copy it with `bidlog backup`)"
-            )
+        refuse_hard_links(db_path)
         try:
             fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
         except OSError as exc:
@@ -147,6 +141,21 @@ def lock_path_for(db_path: Path) -> Path:
     """``<db>.lock`` beside the database's real file (symbolic links resolved)."""
     real = db_path.resolve()
     return real.with_name(real.name + ".lock")
+
+
+def refuse_hard_links(db_path: Path) -> None:
+    """Raise ``StoreError`` if the database file has a second name (hard link).
+
+    SQLite finds a database's ``-wal`` by file name: through two names, writers fork the
+    log, and a reader through one name misses what was committed through the other.
+    """
+    links = _hard_links(db_path)
+    if links > 1:
+        raise StoreError(
+            f"database {db_path} has {links} hard links; SQLite keeps its write-ahead log "
+            "by file name, so through two names writes fork the database and reads miss "
+            "commits. Remove the other names (or copy it with `bidlog backup`)"
+        )
 
 
 def _hard_links(db_path: Path) -> int:

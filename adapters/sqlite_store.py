@@ -34,6 +34,7 @@ from adapters.sqlite_schema import (
     WriterLock,
     prepare_reader,
     prepare_writer,
+    refuse_hard_links,
 )
 from adapters.sqlite_verify import Verifier, check_tail
 from domain.errors import PersistenceFailed
@@ -346,6 +347,8 @@ def _synchronous(value: str) -> Synchronous:
 def _require_file(where: Path, writer: bool) -> None:
     if not writer and not where.exists():
         raise StoreError(f"no database at {where}")
+    if not writer:
+        refuse_hard_links(where)  # a writer checks under its lock
 
 
 def _read_only_uri(where: Path) -> str:

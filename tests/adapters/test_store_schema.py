@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from adapters import archive
 from adapters.sqlite_schema import DB_VERSION, lock_path_for
 from adapters.sqlite_store import DatabaseLocked, SchemaVersionError, SqliteStore, StoreError
 from domain.records import Batch
@@ -174,7 +175,7 @@ async def test_a_symbolic_link_to_a_held_database_is_refused(tmp_path: Path) -> 
     await store.close()
 
 
-async def test_a_database_with_a_second_hard_link_is_not_opened_for_writing(
+async def test_a_database_with_a_second_hard_link_is_not_opened(
     tmp_path: Path,
 ) -> None:
     db = tmp_path / "db.sqlite3"
@@ -185,6 +186,10 @@ async def test_a_database_with_a_second_hard_link_is_not_opened_for_writing(
     for name in (db, alias):
         with pytest.raises(StoreError, match="2 hard links"):
             await SqliteStore.open(name)
+        with pytest.raises(StoreError, match="reads miss commits"):
+            await SqliteStore.open(name, writer=False)
+        with pytest.raises(StoreError, match="2 hard links"):
+            archive.backup(name, tmp_path / "copy.sqlite3")
     alias.unlink()
     store = await SqliteStore.open(db)
     await store.close()

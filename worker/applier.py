@@ -12,7 +12,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 from adapters import codec
@@ -28,12 +28,21 @@ from worker.ports import Clock, Store
 log = logging.getLogger("bidlog.applier")
 
 
+async def _always_room() -> None:
+    return None
+
+
 @dataclass(eq=False)
 class Outbox:
     """Where one connection's replies go: ``send((data, count))`` never blocks (the
-    connection's window bounds it); ``count`` is how many replies ``data`` holds."""
+    connection's window bounds it); ``count`` is how many replies ``data`` holds.
+
+    ``room()`` returns once the connection has taken enough of its replies to be sent a
+    large one (a query's); the pipeline closes a connection that takes none for long.
+    """
 
     send: Callable[[tuple[bytes, int]], None]
+    room: Callable[[], Awaitable[None]] = _always_room
 
 
 @dataclass(eq=False)
@@ -107,8 +116,14 @@ class Applier:
         await self._flush(run)
 
     async def _handle_read(self, run: _Run, outbox: Outbox, item: codec.Decoded) -> None:
-        """A query or a rollback: both read the log, so what is waiting commits first."""
+        """A query or a rollback: both read the log, so what is waiting commits first.
+
+        A query's reply can be megabytes: it waits until its connection has taken most
+        of what it was sent, so a client that pipelines queries and reads slowly (or
+        never) cannot make the worker hold their replies without bound.
+        """
         await self._flush(run)
+        await outbox.room()
         message = item.message
         try:
             if isinstance(message, Rollback):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 import anyio
@@ -54,6 +54,78 @@ class Window:
         await self._freed.wait()
 
 
+class Connection:
+    """One connection's replies on their way out, and what to do if they pile up.
+
+    ``unwritten`` counts reply bytes handed over but not yet written. A large reply
+    (``room``) waits while more than ``limit`` are unwritten; if the peer takes nothing
+    for ``patience`` seconds, or the worker is stopping and it still has not taken its
+    replies after that long, the connection is dropped: reading stops, its remaining
+    replies are discarded (what it sent is still committed), and the stream is closed.
+    """
+
+    def __init__(
+        self,
+        window: Window,
+        send: Callable[[tuple[bytes, int]], None],
+        *,
+        limit: int,
+        patience: float,
+    ) -> None:
+        self.window = window
+        self._send = send
+        self.limit = limit
+        self.patience = patience
+        self.unwritten = 0
+        self.dropped = False
+        self.reading: anyio.CancelScope | None = None
+        self.sending: anyio.CancelScope | None = None
+        self._written = anyio.Event()
+
+    def deliver(self, item: tuple[bytes, int]) -> None:
+        """The applier's ``Outbox.send``: never blocks."""
+        data, count = item
+        if self.dropped:
+            self.window.release(count)
+            return
+        self.unwritten += len(data)
+        self._send(item)
+
+    async def room(self) -> None:
+        """The applier's ``Outbox.room``."""
+        if self.unwritten <= self.limit:
+            return
+        with anyio.move_on_after(self.patience):
+            while self.unwritten > self.limit and not self.dropped:
+                await self._wait_written()
+            return
+        self.drop(f"it took none of its replies for {self.patience:g} s")
+
+    def written(self, size: int) -> None:
+        self.unwritten -= size
+        self._written.set()
+
+    async def _wait_written(self) -> None:
+        if self._written.is_set():
+            self._written = anyio.Event()
+        await self._written.wait()
+
+    def drop(self, why: str) -> None:
+        if self.dropped:
+            return
+        self.dropped = True
+        log.warning(
+            "closing a connection: %s (%d bytes of replies unwritten)",
+            why,
+            self.unwritten,
+            extra={"unwritten": self.unwritten},
+        )
+        for scope in (self.reading, self.sending):
+            if scope is not None:
+                scope.cancel()
+        self._written.set()
+
+
 class Worker:
     """One applier and any number of connections feeding it."""
 
@@ -64,10 +136,18 @@ class Worker:
         max_batch: int = 512,
         inbox_size: int = 256,
         in_flight: int = 2048,
+        max_unwritten: int = 16 << 20,
+        patience: float = 10.0,
     ) -> None:
         self.applier = applier
         self.max_batch = max_batch
         self.in_flight = in_flight
+        self.max_unwritten = max_unwritten
+        self.patience = patience
+        self.connections: set[Connection] = set()
+        self._no_connections = anyio.Event()
+        self._no_connections.set()
+        self._applied = anyio.Event()  # the applier has ended: every line read is answered
         self._inbox_send, self._inbox = anyio.create_memory_object_stream[Request](inbox_size)
         self._readers: set[anyio.CancelScope] = set()
         self._reading = 0
@@ -79,11 +159,14 @@ class Worker:
     async def apply_forever(self) -> None:
         """Take what is waiting (about ``max_batch`` lines), process it; end when the
         inbox is closed and empty."""
-        async with self._inbox:
-            async for first in self._inbox:
-                requests = self._gather(first)
-                with anyio.CancelScope(shield=True):
-                    await self.applier.process(requests)
+        try:
+            async with self._inbox:
+                async for first in self._inbox:
+                    requests = self._gather(first)
+                    with anyio.CancelScope(shield=True):
+                        await self.applier.process(requests)
+        finally:
+            self._applied.set()
 
     def _gather(self, first: Request) -> list[Request]:
         requests, lines = [first], len(first.frames)
@@ -100,19 +183,30 @@ class Worker:
         """Read lines from ``stream`` until it ends (or the worker stops) and answer each."""
         outbox_send, outbox = anyio.create_memory_object_stream[tuple[bytes, int]](math.inf)
         window = Window(self.in_flight)
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(_write_replies, stream, outbox, window)
-            async with outbox_send:
-                await self._read_requests(stream, Outbox(outbox_send.send_nowait), window)
-                await window.drained()  # every reply handed to the writer and written
+        conn = Connection(
+            window, outbox_send.send_nowait, limit=self.max_unwritten, patience=self.patience
+        )
+        self.connections.add(conn)
+        self._no_connections = anyio.Event()
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(_write_replies, stream, outbox, conn)
+                async with outbox_send:
+                    await self._read_requests(stream, Outbox(conn.deliver, conn.room), conn)
+                    await window.drained()  # every reply handed to the writer and written
+        finally:
+            self.connections.discard(conn)
+            if not self.connections:
+                self._no_connections.set()
         await stream.aclose()
 
     async def _read_requests(
-        self, stream: anyio.abc.ByteStream, outbox: Outbox, window: Window
+        self, stream: anyio.abc.ByteStream, outbox: Outbox, conn: Connection
     ) -> None:
         if self._stopping:
             return
-        scope = anyio.CancelScope()
+        window = conn.window
+        scope = conn.reading = anyio.CancelScope()
         self._readers.add(scope)
         self._reading += 1
         try:
@@ -155,9 +249,17 @@ class Worker:
             self._no_readers.set()
 
     async def finish(self) -> None:
-        """After ``stop_reading``: once no reader is left, close the inbox."""
+        """After ``stop_reading``: once no reader is left, close the inbox; once the
+        applier has answered everything, give the connections ``patience`` seconds to take
+        their replies, and drop those that do not."""
         await self._no_readers.wait()
         await self._inbox_send.aclose()
+        await self._applied.wait()
+        with anyio.move_on_after(self.patience):
+            await self._no_connections.wait()
+            return
+        for conn in list(self.connections):
+            conn.drop(f"stopping, and it has not taken its replies for {self.patience:g} s")
 
     @property
     def task_group(self) -> anyio.abc.TaskGroup:
@@ -175,10 +277,9 @@ class Worker:
 async def _write_replies(
     stream: anyio.abc.ByteStream,
     outbox: MemoryObjectReceiveStream[tuple[bytes, int]],
-    window: Window,
+    conn: Connection,
 ) -> None:
     """Write replies in order, coalescing what is waiting; free the window as they go."""
-    broken = False
     async with outbox:
         async for first in outbox:
             chunk = [first]
@@ -187,13 +288,17 @@ async def _write_replies(
                     chunk.append(outbox.receive_nowait())
                 except (anyio.WouldBlock, anyio.EndOfStream):
                     break
-            if not broken:
-                try:
-                    await stream.send(b"".join(data for data, _ in chunk))
-                except _GONE as exc:
-                    log.info("peer went away; dropping its replies: %s", exc)
-                    broken = True
-            window.release(sum(count for _, count in chunk))
+            data = b"".join(data for data, _ in chunk)
+            if not conn.dropped:
+                with anyio.CancelScope() as conn.sending:
+                    try:
+                        await stream.send(data)
+                    except _GONE as exc:
+                        log.info("peer went away; dropping its replies: %s", exc)
+                        conn.dropped = True
+                conn.sending = None
+            conn.written(len(data))
+            conn.window.release(sum(count for _, count in chunk))
 
 
 @asynccontextmanager

@@ -50,14 +50,19 @@ class Client:
 
 @asynccontextmanager
 async def worker_on(
-    db: Path, *, fault: Any = None, clock: Any = None, checkpoint_every: int = 1000
+    db: Path,
+    *,
+    fault: Any = None,
+    clock: Any = None,
+    checkpoint_every: int = 1000,
+    **worker_options: Any,
 ) -> AsyncIterator[Worker]:
     """A worker over a real database file, stopped (drained) when the block exits."""
     store = await SqliteStore.open(str(db), fault=fault)
     try:
         ledger = Ledger(await store.recover(), checkpoint_every=checkpoint_every)
         applier = Applier(store, ledger, clock or FixedClock(START))
-        async with running(Worker(applier)) as worker:
+        async with running(Worker(applier, **worker_options)) as worker:
             yield worker
     finally:
         await store.close()

@@ -15,6 +15,7 @@ from tests.wire import (
     create_area,
     example_lines,
     get_state,
+    line,
     msg,
     open_round,
     register,
@@ -362,3 +363,48 @@ async def test_several_clients_pipelining_at_once(db: Path) -> None:
         assert [r["id"] for r in replies] == [f"c{n}-{i}" for i in range(20)]
         assert all(r["ok"] for r in replies)
     assert len(state["result"]["users"]) == 80
+
+
+async def _drain(stream: anyio.abc.ByteStream) -> int:
+    """Read until the worker closes the stream; the number of reply lines."""
+    lines = 0
+    while True:
+        try:
+            lines += (await stream.receive()).count(b"\n")
+        except (anyio.EndOfStream, anyio.ClosedResourceError, anyio.BrokenResourceError):
+            return lines
+
+
+async def test_a_client_that_takes_no_replies_to_its_queries_is_dropped(
+    db: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Query replies can be megabytes: the worker holds at most about ``max_unwritten``
+    bytes of them for a connection, and drops one that takes none for ``patience``."""
+    async with (
+        worker_on(db, max_unwritten=4096, patience=0.3) as worker,
+        await worker.connect() as stream,
+        await worker.connect() as silent,
+    ):
+        other = Client(stream)
+        await setup_north(other)
+        await silent.send(b"".join(line(get_state()) for _ in range(2000)))
+        with anyio.fail_after(20):
+            # Queued behind the silent client's queries: answered once it is dropped.
+            assert (await other.ask_one(register("EF")))["ok"]
+            answered = await _drain(silent)  # what was written, then the close
+        assert answered < 2000
+    assert "closing a connection: it took none of its replies for 0.3 s" in caplog.text
+
+
+async def test_stopping_gives_a_client_that_takes_no_replies_only_patience(db: Path) -> None:
+    with anyio.fail_after(20):
+        async with worker_on(db, patience=0.3) as worker:
+            async with await worker.connect() as stream:
+                await setup_north(Client(stream))
+            silent = await worker.connect()
+            await silent.send(b"".join(line(get_state(at_event=1)) for _ in range(3000)))
+            await anyio.sleep(0.3)  # it reads, answers, and the replies pile up
+        # Leaving the block stopped the worker while the client, still connected, read
+        # nothing; it gets what was written, then the close.
+        assert 0 < await _drain(silent) < 3000
+        await silent.aclose()

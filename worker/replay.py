@@ -157,6 +157,21 @@ class Replay:
         self._sent_all = False
         self.started = time.monotonic()
         self.answered_bytes = 0
+        self._out = bytearray()  # lines counted in _waiting, not yet sent
+        self._sending: anyio.CancelScope | None = None
+        self._stopped = False
+
+    def stop(self, why: str) -> None:
+        """Send no more lines; those sent are still answered and counted (SIGINT/TERM)."""
+        if self._stopped:
+            return
+        self._stopped = True
+        self.error = self.error or (
+            f"stopped by {why}: the lines sent were answered and are counted; "
+            "run the same replay again to finish (nothing is applied twice)"
+        )
+        if self._sending is not None:
+            self._sending.cancel()
 
     @property
     def total_bytes(self) -> int | None:
@@ -182,7 +197,14 @@ class Replay:
 
     async def _send_guarded(self, stream: anyio.abc.ByteStream, scope: anyio.CancelScope) -> None:
         try:
-            await self._send_all(stream)
+            with anyio.CancelScope() as self._sending:
+                if self._stopped:
+                    self._sending.cancel()
+                await self._send_all(stream)
+            if self._stopped:  # what is counted as sent goes, then the end of input
+                with anyio.CancelScope(shield=True):
+                    await _flush(stream, self._out)
+                    await stream.send_eof()
         except ReplayError as exc:
             self.error = str(exc)
             scope.cancel()
@@ -191,7 +213,7 @@ class Replay:
             scope.cancel()
 
     async def _send_all(self, stream: anyio.abc.ByteStream) -> None:
-        out = bytearray()
+        out = self._out
         for source in self.sources:
             async for number, line in numbered_lines(source):
                 try:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sqlite3
 import sys
 from pathlib import Path
@@ -161,6 +162,20 @@ async def run_replay(args: argparse.Namespace) -> int:
 
 
 async def _feed(args: argparse.Namespace, replay: Replay) -> None:
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(_stop_on_signal, replay)
+        await _feed_until_done(args, replay)
+        tg.cancel_scope.cancel()
+
+
+async def _stop_on_signal(replay: Replay) -> None:
+    """SIGINT or SIGTERM: stop sending, take the replies owed, then print the summary."""
+    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for signum in signals:
+            replay.stop(signal.Signals(signum).name)
+
+
+async def _feed_until_done(args: argparse.Namespace, replay: Replay) -> None:
     progress = sys.stderr if sys.stderr.isatty() else None
     if args.socket is None:
         async with serving(settings_of(args)) as worker:

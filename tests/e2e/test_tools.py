@@ -195,6 +195,33 @@ def test_replay_interrupted_then_rerun_applies_everything_exactly_once(tmp_path:
     assert bidlog("verify", "--db", db).returncode == 0
 
 
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_replay_stopped_by_a_signal_sums_up_and_a_rerun_finishes(
+    tmp_path: Path, signum: signal.Signals
+) -> None:
+    db, feed = tmp_path / "b.sqlite3", tmp_path / "feed.ndjson"
+    total = 20000
+    feed.write_bytes(many_commands(total))
+    with subprocess.Popen(
+        [str(BIN), "replay", str(feed), "--db", str(db)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    ) as proc:
+        while proc.poll() is None and _events(db) < 200:
+            time.sleep(0.005)
+        proc.send_signal(signum)
+        out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1, err
+    assert b"Traceback" not in err
+    assert f"stopped by {signum.name}".encode() in err
+    first = msgspec.json.decode(out)
+    assert 0 < first["ok"] < total and first["failed"] == 0
+    # Every command applied was answered and counted (automatic checkpoints aside).
+    assert sql(db, "SELECT count(message_id) FROM events") == [(first["ok"],)]
+    again = summary(bidlog("replay", feed, "--db", db))
+    assert (again["duplicate"], again["ok"]) == (first["ok"], total - first["ok"])
+
+
 def _events(db: Path) -> int:
     """Events committed so far, read without ever creating the file."""
     if not db.exists():

@@ -162,10 +162,16 @@ async def run_replay(args: argparse.Namespace) -> int:
 
 
 async def _feed(args: argparse.Namespace, replay: Replay) -> None:
+    failure: Exception | None = None
     async with anyio.create_task_group() as tg:
         tg.start_soon(_stop_on_signal, replay)
-        await _feed_until_done(args, replay)
+        try:
+            await _feed_until_done(args, replay)
+        except Exception as exc:  # raised as itself below, not in an ExceptionGroup
+            failure = exc
         tg.cancel_scope.cancel()
+    if failure is not None:
+        raise failure
 
 
 async def _stop_on_signal(replay: Replay) -> None:

@@ -8,6 +8,7 @@ checks) refuses a bad year, name or crew and names the JSON path. Rules that spa
 from __future__ import annotations
 
 import datetime as dt
+import re
 from typing import Annotated, Literal
 
 import msgspec
@@ -32,7 +33,20 @@ EventId = Annotated[int, Meta(ge=-MAX_INT - 1, le=MAX_INT)]
 Seq = Annotated[int, Meta(ge=0, le=MAX_INT)]
 Text = Annotated[str, Meta(max_length=10000)]
 Role = Literal["admin", "bidder", "system"]
-Timestamp = Annotated[dt.datetime, Meta(tz=True)]
+# RFC 3339 date-time (section 5.6), kept as text: ``parse_time`` reads it, dropping digits
+# past the microsecond (never rounding up past an event recorded after that time).
+RFC3339_PATTERN = r"^\d{4}-\d\d-\d\d[Tt]\d\d:\d\d:\d\d(\.\d+)?([Zz]|[+-]\d\d:\d\d)\Z"
+Timestamp = Annotated[str, Meta(pattern=RFC3339_PATTERN)]
+_FRACTION = re.compile(r"\.(\d{1,6})\d*")
+
+
+def parse_time(text: str) -> dt.datetime:
+    """An RFC 3339 date-time (see ``Timestamp``) as an aware datetime, truncated to the
+    microsecond; ``ValueError`` if it is not one or names no real instant (Feb 30)."""
+    if re.match(RFC3339_PATTERN, text) is None:
+        raise ValueError(f"not an RFC 3339 time: {text}")
+    normal = _FRACTION.sub(lambda m: "." + m.group(1).ljust(6, "0"), text.upper(), count=1)
+    return dt.datetime.fromisoformat(normal.replace("Z", "+00:00"))
 
 
 class Actor(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

@@ -20,7 +20,7 @@ import anyio
 
 from adapters import codec
 from adapters.transports import StdioStream, TransportError, UnixListener, bind_unix
-from domain.commands import AREA_PATTERN
+from domain.commands import AREA_PATTERN, parse_time
 from domain.errors import DomainError
 from domain.state import render
 from worker import logs, tools
@@ -135,13 +135,13 @@ def _bid_year(text: str) -> int:
 
 
 def _timestamp(text: str) -> dt.datetime:
+    """As the protocol's ``at_time`` (``domain.commands.parse_time``)."""
     try:
-        moment = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"not an RFC 3339 time: {text}") from exc
-    if moment.tzinfo is None:
-        raise argparse.ArgumentTypeError(f"{text} has no timezone (add Z or +hh:mm)")
-    return moment
+        return parse_time(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"not an RFC 3339 time with a time zone (2026-07-01T12:00:00Z): {text}"
+        ) from None
 
 
 def settings_from(args: argparse.Namespace) -> Settings:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from domain import errors
-from domain.commands import GetState, ListAreas, Query, Timeline, Verify
+from domain.commands import GetState, ListAreas, Query, Timeline, Verify, parse_time
 from domain.ledger import Ledger
 from domain.state import ScopeState, render
 from worker.ports import Store
@@ -32,7 +32,13 @@ async def _get_state(query: GetState, ledger: Ledger, store: Store) -> dict[str,
     if query.at_event is not None:
         state = await store.state_at(key, at_event=query.at_event)
     elif query.at_time is not None:
-        state = await store.state_at(key, at_time=query.at_time)
+        try:
+            moment = parse_time(query.at_time)
+        except ValueError:
+            raise errors.InvalidMessage(
+                f"at_time {query.at_time} names no instant", path="$.at_time"
+            ) from None
+        state = await store.state_at(key, at_time=moment)
     else:
         state = ledger.state(key)
     if state is None:

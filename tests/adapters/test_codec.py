@@ -184,7 +184,7 @@ def test_a_query_decodes_without_a_digest() -> None:
     assert decoded == Decoded(Verify(id="q-1"), None)
     state = decode(raw(get_state(at_time="2026-07-01T12:00:00+02:00"))).message
     assert isinstance(state, GetState)
-    assert state.at_time is not None and state.at_time.utcoffset() is not None
+    assert state.at_time == "2026-07-01T12:00:00+02:00"  # read by domain.commands.parse_time
 
 
 def test_a_submitted_bid_has_dates() -> None:

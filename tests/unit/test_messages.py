@@ -18,6 +18,7 @@ from domain.commands import (
     RegisterUser,
     SubmitBid,
     UpdateUser,
+    parse_time,
 )
 
 ENVELOPE: dict[str, Any] = {
@@ -125,8 +126,34 @@ def test_update_user_tells_left_out_from_null() -> None:
 def test_get_state_at_time_is_timezone_aware() -> None:
     decoded = decode(message("get_state", at_event=DELETE, at_time="2026-11-25T20:33:00Z"))
     assert isinstance(decoded, GetState)
-    assert decoded.at_time == dt.datetime(2026, 11, 25, 20, 33, tzinfo=dt.UTC)
-    assert "$.at_time" in refused_at(message("get_state", at_time="2026-11-25T20:33:00"))
+    assert decoded.at_time is not None
+    assert parse_time(decoded.at_time) == dt.datetime(2026, 11, 25, 20, 33, tzinfo=dt.UTC)
+    for no_zone in ("2026-11-25T20:33:00", "2026-11-25T20:33:00,5Z", "2026-11-25 20:33:00Z"):
+        assert "$.at_time" in refused_at(message("get_state", at_time=no_zone))
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("2026-11-25T20:33:22.268262Z", dt.datetime(2026, 11, 25, 20, 33, 22, 268262, dt.UTC)),
+        # Past the microsecond, digits are dropped, never rounded up (to a later event).
+        ("2026-11-25T20:33:22.2682619999Z", dt.datetime(2026, 11, 25, 20, 33, 22, 268261, dt.UTC)),
+        ("2026-11-25T20:33:22.5+01:00", dt.datetime(2026, 11, 25, 19, 33, 22, 500000, dt.UTC)),
+        ("2026-11-25t20:33:22z", dt.datetime(2026, 11, 25, 20, 33, 22, tzinfo=dt.UTC)),
+    ],
+)
+def test_parse_time_reads_rfc_3339_down_to_the_microsecond(
+    text: str, expected: dt.datetime
+) -> None:
+    assert parse_time(text) == expected
+
+
+@pytest.mark.parametrize(
+    "text", ["2026-02-30T00:00:00Z", "2026-11-25T24:00:00Z", "2026-11-25T20:33:60Z", "x"]
+)
+def test_parse_time_refuses_what_names_no_instant(text: str) -> None:
+    with pytest.raises(ValueError):
+        parse_time(text)
 
 
 def days_of(n: int) -> list[str]:

@@ -329,6 +329,12 @@ async def test_point_in_time_queries(db: Path) -> None:
         )
         at_time = await client.ask_one(get_state(at_time="2026-11-25T20:00:00Z"))
         before = await client.ask_one(get_state(at_time="2020-01-01T00:00:00Z"))
+        # Every event is at 20:00:00.000000: a time half a microsecond before is not
+        # rounded up to it; a date that does not exist is refused.
+        just_before = await client.ask_one(get_state(at_time="2026-11-25T19:59:59.9999995Z"))
+        no_day = await client.ask_one(get_state(at_time="2026-02-30T00:00:00Z"))
+    assert code(just_before) == "not_found"
+    assert code(no_day) == "invalid_message" and no_day["error"]["details"]["path"] == "$.at_time"
     assert [u["initials"] for u in at2["result"]["users"]] == ["AB"]
     assert code(missing) == "not_found"
     assert code(both) == "invalid_message"

@@ -57,12 +57,16 @@ def head(conn: sqlite3.Connection) -> Head:
     return Head() if row is None else Head(row[0], row[1], row[2])
 
 
-def point(conn: sqlite3.Connection, key: ScopeKey, upto: int = END) -> Point | None:
+def point(
+    conn: sqlite3.Connection, key: ScopeKey, upto: int = END, checked: set[int] | None = None
+) -> Point | None:
     """The scope's state after its last event with ``event_id <= upto``.
 
     Replays from the second newest snapshot at or before ``upto`` (or the scope's start),
     checking on the way that the newest one equals the replay; raises ``IntegrityError``
     naming the newest snapshot's event if not. At most two snapshot intervals are read.
+    ``checked`` holds the event ids of snapshots found sound already (a store's own set,
+    added to here): from one of those, the replay starts at it, one interval at most.
     """
     snaps = conn.execute(
         "SELECT event_id, state FROM snapshots WHERE bid_year = ? AND area = ? "
@@ -70,6 +74,8 @@ def point(conn: sqlite3.Connection, key: ScopeKey, upto: int = END) -> Point | N
         (*key, upto),
     ).fetchall()
     newest: tuple[int, str] | None = snaps[0] if snaps else None
+    if newest is not None and checked is not None and newest[0] in checked:
+        snaps, newest = [newest, newest], None  # start at it; nothing left to check
     base, after = (_snapshot_state(*snaps[1]), snaps[1][0]) if len(snaps) == 2 else (None, 0)
     rows = conn.execute(
         f"SELECT {EVENT_COLUMNS} FROM events WHERE bid_year = ? AND area = ? "
@@ -82,6 +88,8 @@ def point(conn: sqlite3.Connection, key: ScopeKey, upto: int = END) -> Point | N
         since += 1
         if newest is not None and row[0] == newest[0]:
             _check_snapshot(newest, state)
+            if checked is not None:
+                checked.add(newest[0])
             since, newest = 0, None
     if newest is not None:
         _check_snapshot(newest, None)  # no event of this scope has the snapshot's id

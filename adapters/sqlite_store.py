@@ -111,6 +111,7 @@ class SqliteStore:
         self._lock = lock
         self._head = head
         self.fault = fault
+        self._sound: set[int] = set()  # snapshots (event ids) replay has confirmed
 
     @classmethod
     async def open(
@@ -245,7 +246,7 @@ class SqliteStore:
 
     async def recover(self) -> Recovered:
         """Every scope's current state (newest snapshot + deltas), the head event id and time."""
-        return await self._read(_recover)
+        return await self._read(_recover, self._sound)
 
     async def acks(self, message_ids: Sequence[str]) -> dict[str, Ack]:
         """The stored idempotency records among ``message_ids``."""
@@ -260,11 +261,11 @@ class SqliteStore:
         if at_event is not None and at_time is not None:
             raise ValueError("give at_event or at_time, not both")
         moment = None if at_time is None else _timestamp(at_time)
-        return await self._read(_state_at, key, at_event, moment)
+        return await self._read(_state_at, key, at_event, moment, self._sound)
 
     async def event_state(self, key: ScopeKey, event_id: int) -> ScopeState | None:
         """The scope's state right after ``event_id`` if that event belongs to the scope."""
-        return await self._read(_event_state, key, event_id)
+        return await self._read(_event_state, key, event_id, self._sound)
 
     async def timeline(
         self, key: ScopeKey, *, after_event: int = 0, limit: int = 1000
@@ -388,19 +389,25 @@ def _timestamp(moment: dt.datetime) -> str:
 
 
 def _state_at(
-    conn: sqlite3.Connection, key: ScopeKey, at_event: int | None, at_time: str | None
+    conn: sqlite3.Connection,
+    key: ScopeKey,
+    at_event: int | None,
+    at_time: str | None,
+    checked: set[int],
 ) -> ScopeState | None:
     upto = reads.END if at_event is None else at_event
     if at_time is not None:
         upto = reads.last_event_at(conn, at_time)
-    found_point = reads.point(conn, key, upto)
+    found_point = reads.point(conn, key, upto, checked)
     return None if found_point is None else found_point.state
 
 
-def _event_state(conn: sqlite3.Connection, key: ScopeKey, event_id: int) -> ScopeState | None:
+def _event_state(
+    conn: sqlite3.Connection, key: ScopeKey, event_id: int, checked: set[int]
+) -> ScopeState | None:
     if not reads.belongs(conn, key, event_id):
         return None
-    found = reads.point(conn, key, event_id)
+    found = reads.point(conn, key, event_id, checked)
     return None if found is None else found.state
 
 
@@ -408,11 +415,11 @@ def _list_areas(conn: sqlite3.Connection, bid_year: int | None) -> list[dict[str
     return [reads.scope_head(conn, key) for key in reads.scope_keys(conn, bid_year)]
 
 
-def _recover(conn: sqlite3.Connection) -> Recovered:
+def _recover(conn: sqlite3.Connection, checked: set[int]) -> Recovered:
     scopes: dict[ScopeKey, ScopeState] = {}
     since: dict[ScopeKey, int] = {}
     for key in reads.scope_keys(conn):
-        found = reads.point(conn, key)
+        found = reads.point(conn, key, checked=checked)
         if found is not None:
             scopes[key] = found.state
             since[key] = found.since_snapshot

@@ -254,3 +254,27 @@ async def test_iter_events_streams_everything_in_order(
         assert timeline is not None
         south = [e for e in events if e["area"] == "South"]
         assert [{k: v for k, v in e.items() if k != "state"} for e in south] == timeline[0]
+
+
+async def test_a_snapshot_found_sound_is_read_from_directly_afterwards(tmp_path: Path) -> None:
+    """The check costs a second snapshot interval once per snapshot, not on every read."""
+    db = tmp_path / "db.sqlite3"
+    async with scenario_store(db) as (store, driver):
+        await driver.run(checkpoint(label="one"))
+        newest = driver.entries[-1].event.event_id
+        expected = driver.ledger.state(NORTH)
+    store = await SqliteStore.open(db)
+    try:
+        assert await store.state_at(NORTH) == expected  # checks the snapshot at `newest`
+        # An event before that snapshot, spoiled now, is no longer read from there on.
+        tamper(db, "UPDATE events SET after = '{\"nonsense\": 1}' WHERE event_id = 14")
+        assert await store.state_at(NORTH) == expected
+        assert await store.state_at(NORTH, at_event=newest) == expected
+        fresh = await SqliteStore.open(db, writer=False)  # a store that checked nothing yet
+        try:
+            with pytest.raises(IntegrityError, match="event 14 does not replay"):
+                await fresh.state_at(NORTH)
+        finally:
+            await fresh.close()
+    finally:
+        await store.close()

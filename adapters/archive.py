@@ -17,7 +17,6 @@ worker thread.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 import sqlite3
 from collections.abc import AsyncIterator, Iterable, Iterator
@@ -38,7 +37,6 @@ from adapters.sqlite_rows import (
 )
 from adapters.sqlite_schema import (
     WriterLock,
-    lock_path_for,
     prepare_reader,
     refuse_hard_links,
     schema_sql,
@@ -311,22 +309,8 @@ def refuse_overwrite(db: Path, out: Path) -> None:
                 f"{out} is a database in use or not closed cleanly ({journal.name} is "
                 "beside it); replacing it would corrupt it. Choose another file"
             )
-    if _held(lock_path_for(real)):
+    if WriterLock.held(real):
         raise ArchiveError(f"{out} is a database a bidlog process holds; choose another file")
-
-
-def _held(lock_path: Path) -> bool:
-    try:
-        fd = os.open(lock_path, os.O_RDONLY)
-    except OSError:
-        return False  # no lock file: nobody holds it
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
-    return False
 
 
 def verify_connection(conn: sqlite3.Connection, what: str = "the new database") -> dict[str, int]:

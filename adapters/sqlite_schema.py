@@ -131,6 +131,21 @@ class WriterLock:
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         return cls(fd)
 
+    @staticmethod
+    def held(db_path: Path) -> bool:
+        """Whether a process holds the writer lock of ``db_path`` now."""
+        try:
+            fd = os.open(lock_path_for(db_path), os.O_RDONLY)
+        except OSError:
+            return False  # no lock file: nobody holds it
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+        return False
+
     def release(self) -> None:
         if self._fd is not None:
             os.close(self._fd)  # closing the descriptor drops the flock

@@ -59,8 +59,9 @@ class Connection:
 
     ``unwritten`` counts reply bytes handed over but not yet written. A large reply
     (``room``) waits while more than ``limit`` are unwritten; if the peer takes nothing
-    for ``patience`` seconds, or the worker is stopping and it still has not taken its
-    replies after that long, the connection is dropped: reading stops, its remaining
+    for ``patience`` seconds meanwhile, or the worker is stopping and the peer has not
+    taken all its replies ``patience`` seconds after the last was ready, the connection
+    is dropped: reading stops, its remaining
     replies are discarded (what it sent is still committed), and the stream is closed.
     """
 
@@ -92,14 +93,13 @@ class Connection:
         self._send(item)
 
     async def room(self) -> None:
-        """The applier's ``Outbox.room``."""
-        if self.unwritten <= self.limit:
-            return
-        with anyio.move_on_after(self.patience):
-            while self.unwritten > self.limit and not self.dropped:
+        """The applier's ``Outbox.room``: a slow reader is waited for as long as it
+        takes something every ``patience`` seconds."""
+        while self.unwritten > self.limit and not self.dropped:
+            with anyio.move_on_after(self.patience) as waited:
                 await self._wait_written()
-            return
-        self.drop(f"it took none of its replies for {self.patience:g} s")
+            if waited.cancelled_caught:
+                self.drop(f"it took none of its replies for {self.patience:g} s")
 
     def written(self, size: int) -> None:
         self.unwritten -= size

@@ -414,3 +414,20 @@ async def test_stopping_gives_a_client_that_takes_no_replies_only_patience(db: P
         # nothing; it gets what was written, then the close.
         assert 0 < await _drain(silent) < 3000
         await silent.aclose()
+
+
+async def test_a_client_that_reads_slowly_is_waited_for_not_dropped(
+    db: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with (
+        worker_on(db, max_unwritten=4096, patience=0.3) as worker,
+        await worker.connect() as stream,
+    ):
+        await setup_north(Client(stream))
+        await stream.send(b"".join(line(get_state(at_event=1)) for _ in range(300)))
+        answered = 0
+        with anyio.fail_after(60):
+            while answered < 300:
+                answered += (await stream.receive()).count(b"\n")
+                await anyio.sleep(0.02)  # slower than the worker, never 0.3 s idle
+    assert "closing a connection" not in caplog.text

@@ -209,7 +209,7 @@ class Replay:
             self.error = str(exc)
             scope.cancel()
         except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
-            self.error = f"lost the connection to the worker: {exc or type(exc).__name__}"
+            self.error = f"lost the connection to the worker: {str(exc) or type(exc).__name__}"
             scope.cancel()
 
     async def _send_all(self, stream: anyio.abc.ByteStream) -> None:
@@ -240,7 +240,9 @@ class Replay:
                 self.answered_bytes += size
                 self.tally.count(name, number, _decode(frame))
         except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
-            self.error = self.error or f"lost the connection to the worker: {exc}"
+            self.error = self.error or (
+                f"lost the connection to the worker: {str(exc) or type(exc).__name__}"
+            )
 
     async def _show_progress(self, out: TextIO) -> None:
         while True:

@@ -154,6 +154,12 @@ async def run_serve(args: argparse.Namespace) -> int:
     if not args.socket:
         async with serving(settings_from(args)) as worker:
             await _until_done(worker, worker.serve(StdioStream()))
+        if worker.dropped:  # everything read was committed, but not every reply written
+            print(
+                "bidlog: stdout took no replies for too long; some were not written",
+                file=sys.stderr,
+            )
+            return 1
         return 0
     # Bind before opening the database: a live socket means another worker is serving,
     # and the process umask is narrowed only while nothing else creates files.

@@ -44,9 +44,9 @@ class Window:
         self.used -= count
         self._freed.set()
 
-    async def drained(self) -> None:
-        while self.used:
-            await self._wait()
+    async def changed(self) -> None:
+        """Until some lines are released."""
+        await self._wait()
 
     async def _wait(self) -> None:
         if self._freed.is_set():
@@ -78,7 +78,9 @@ class Connection:
         self.limit = limit
         self.patience = patience
         self.unwritten = 0
+        self.taken = 0  # reply bytes written so far: progress
         self.dropped = False
+        self.on_drop: Callable[[], None] = lambda: None
         self.reading: anyio.CancelScope | None = None
         self.sending: anyio.CancelScope | None = None
         self._written = anyio.Event()
@@ -101,8 +103,21 @@ class Connection:
             if waited.cancelled_caught:
                 self.drop(f"it took none of its replies for {self.patience:g} s")
 
+    async def drained(self) -> None:
+        """Until every line read is answered and written; drops the connection if it
+        has replies waiting and takes none of them for ``patience`` seconds (at the end
+        of its input, or when the worker stops, a peer that does not read would
+        otherwise hold the worker for good)."""
+        while self.window.used:
+            taken = self.taken
+            with anyio.move_on_after(self.patience) as waited:
+                await self.window.changed()
+            if waited.cancelled_caught and self.unwritten and self.taken == taken:
+                self.drop(f"it took none of its replies for {self.patience:g} s")
+
     def written(self, size: int) -> None:
         self.unwritten -= size
+        self.taken += size
         self._written.set()
 
     async def _wait_written(self) -> None:
@@ -114,6 +129,7 @@ class Connection:
         if self.dropped:
             return
         self.dropped = True
+        self.on_drop()
         log.warning(
             "closing a connection: %s (%d bytes of replies unwritten)",
             why,
@@ -144,10 +160,7 @@ class Worker:
         self.in_flight = in_flight
         self.max_unwritten = max_unwritten
         self.patience = patience
-        self.connections: set[Connection] = set()
-        self._no_connections = anyio.Event()
-        self._no_connections.set()
-        self._applied = anyio.Event()  # the applier has ended: every line read is answered
+        self.dropped = 0  # connections closed with replies unwritten
         self._inbox_send, self._inbox = anyio.create_memory_object_stream[Request](inbox_size)
         self._readers: set[anyio.CancelScope] = set()
         self._reading = 0
@@ -159,14 +172,11 @@ class Worker:
     async def apply_forever(self) -> None:
         """Take what is waiting (about ``max_batch`` lines), process it; end when the
         inbox is closed and empty."""
-        try:
-            async with self._inbox:
-                async for first in self._inbox:
-                    requests = self._gather(first)
-                    with anyio.CancelScope(shield=True):
-                        await self.applier.process(requests)
-        finally:
-            self._applied.set()
+        async with self._inbox:
+            async for first in self._inbox:
+                requests = self._gather(first)
+                with anyio.CancelScope(shield=True):
+                    await self.applier.process(requests)
 
     def _gather(self, first: Request) -> list[Request]:
         requests, lines = [first], len(first.frames)
@@ -186,19 +196,16 @@ class Worker:
         conn = Connection(
             window, outbox_send.send_nowait, limit=self.max_unwritten, patience=self.patience
         )
-        self.connections.add(conn)
-        self._no_connections = anyio.Event()
-        try:
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(_write_replies, stream, outbox, conn)
-                async with outbox_send:
-                    await self._read_requests(stream, Outbox(conn.deliver, conn.room), conn)
-                    await window.drained()  # every reply handed to the writer and written
-        finally:
-            self.connections.discard(conn)
-            if not self.connections:
-                self._no_connections.set()
+        conn.on_drop = self._count_drop
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(_write_replies, stream, outbox, conn)
+            async with outbox_send:
+                await self._read_requests(stream, Outbox(conn.deliver, conn.room), conn)
+                await conn.drained()  # every reply handed to the writer and written
         await stream.aclose()
+
+    def _count_drop(self) -> None:
+        self.dropped += 1
 
     async def _read_requests(
         self, stream: anyio.abc.ByteStream, outbox: Outbox, conn: Connection
@@ -249,17 +256,10 @@ class Worker:
             self._no_readers.set()
 
     async def finish(self) -> None:
-        """After ``stop_reading``: once no reader is left, close the inbox; once the
-        applier has answered everything, give the connections ``patience`` seconds to take
-        their replies, and drop those that do not."""
+        """After ``stop_reading``: once no reader is left, close the inbox. (Each
+        connection then waits for its replies to be taken; see ``Connection.drained``.)"""
         await self._no_readers.wait()
         await self._inbox_send.aclose()
-        await self._applied.wait()
-        with anyio.move_on_after(self.patience):
-            await self._no_connections.wait()
-            return
-        for conn in list(self.connections):
-            conn.drop(f"stopping, and it has not taken its replies for {self.patience:g} s")
 
     @property
     def task_group(self) -> anyio.abc.TaskGroup:

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -317,3 +318,33 @@ def test_a_reader_that_leaves_part_way_through_a_large_state_is_noticed(tmp_path
         err = proc.stderr.read()
         assert proc.wait(timeout=60) == 1
     assert b"the reader closed the output early" in err and b"Traceback" not in err
+
+
+def test_sigterm_while_stdout_is_never_read_ends_with_exit_1(tmp_path: Path) -> None:
+    """Unread stdout holds the worker back (it stops reading input: backpressure, as any
+    filter). On SIGTERM it waits while replies are taken; after 10 s with none taken it
+    stops anyway, says so, and exits 1, as not every reply was written."""
+    db, feed = tmp_path / "b.sqlite3", tmp_path / "feed.ndjson"
+    feed.write_bytes(b"".join(line(create_area(f"A{i}")) for i in range(3000)))
+    with (
+        feed.open("rb") as stdin,
+        subprocess.Popen(
+            [str(BIN), "serve", "--db", str(db)],
+            stdin=stdin,
+            stdout=subprocess.PIPE,  # never read until it has exited
+            stderr=subprocess.PIPE,
+        ) as proc,
+    ):
+        assert proc.stderr is not None
+        assert b"worker started" in proc.stderr.readline()
+        time.sleep(1)  # it fills stdout's pipe, then waits
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 1
+        err = proc.stderr.read()
+    assert b"stdout took no replies for too long" in err and b"Traceback" not in err
+    conn = sqlite3.connect(db)
+    try:
+        committed = conn.execute("SELECT count(*) FROM events").fetchone()[0]
+    finally:
+        conn.close()
+    assert 0 < committed < 3000  # what was read was committed; the rest never read

@@ -20,7 +20,7 @@ import anyio
 
 from adapters import codec
 from adapters.transports import StdioStream, TransportError, UnixListener, bind_unix
-from domain.commands import AREA_PATTERN, parse_time
+from domain.commands import AREA_PATTERN, MAX_INT, parse_time
 from domain.errors import DomainError
 from domain.state import render
 from worker import logs, tools
@@ -29,7 +29,6 @@ from worker.pipeline import Worker
 
 log = logging.getLogger("bidlog")
 Handler = Callable[[argparse.Namespace], Awaitable[int]]
-MAX_INT = 2**63 - 1  # SQLite's largest integer
 AREA = re.compile(AREA_PATTERN)
 
 

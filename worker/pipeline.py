@@ -57,12 +57,12 @@ class Window:
 class Connection:
     """One connection's replies on their way out, and what to do if they pile up.
 
-    ``unwritten`` counts reply bytes handed over but not yet written. A large reply
-    (``room``) waits while more than ``limit`` are unwritten; if the peer takes nothing
-    for ``patience`` seconds meanwhile, or the worker is stopping and the peer has not
-    taken all its replies ``patience`` seconds after the last was ready, the connection
-    is dropped: reading stops, its remaining
-    replies are discarded (what it sent is still committed), and the stream is closed.
+    ``unwritten`` counts reply bytes handed over but not yet written; ``taken``, those
+    written. A large reply (``room``) waits while more than ``limit`` are unwritten, and
+    at the end of its input (or when the worker stops) the connection waits until its
+    replies are written (``drained``). Either way, a peer that takes none of them for
+    ``patience`` seconds is dropped: reading stops, its remaining replies are discarded
+    (what it sent is still committed), and the stream is closed.
     """
 
     def __init__(

@@ -30,6 +30,7 @@ from worker.pipeline import Worker
 log = logging.getLogger("bidlog")
 Handler = Callable[[argparse.Namespace], Awaitable[int]]
 AREA = re.compile(AREA_PATTERN)
+_DECIMAL = re.compile(r"-?[0-9]+")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -108,8 +109,16 @@ def _scope_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--area", type=_area, required=True, metavar="A")
 
 
+def _integer(text: str) -> int:
+    """Plain decimal digits only: ``int`` would also take ``2_026``, spaces and other
+    scripts' digits, which no operator means."""
+    if _DECIMAL.fullmatch(text) is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number in decimal digits")
+    return int(text)
+
+
 def _natural(text: str) -> int:
-    value = int(text)
+    value = _integer(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"{text} is negative")
     if value > MAX_INT:
@@ -127,7 +136,7 @@ def _area(text: str) -> str:
 
 
 def _bid_year(text: str) -> int:
-    value = int(text)
+    value = _integer(text)
     if not 2000 <= value <= 2100:
         raise argparse.ArgumentTypeError(f"{text} is not a bid year (2000-2100)")
     return value

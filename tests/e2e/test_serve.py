@@ -138,6 +138,9 @@ def test_a_reader_that_closes_the_pipe_early_gets_no_traceback(
         ["frobnicate"],
         ["state", "--bid-year", "99999999999999999999", "--area", "N"],
         ["state", "--bid-year", "1999", "--area", "N"],
+        ["state", "--bid-year", "2_026", "--area", "N"],  # int() would take these three
+        ["state", "--bid-year", " 2026", "--area", "N"],
+        ["timeline", "--bid-year", "2026", "--area", "N", "--after-event", "\uff11"],
         ["timeline", "--bid-year", "2101", "--area", "N"],
         ["state", "--bid-year", "2026", "--area", "N", "--at-event", "9223372036854775808"],
         ["timeline", "--bid-year", "2026", "--area", "N", "--after-event", "-1"],

@@ -44,7 +44,7 @@ from adapters.sqlite_schema import (
 from adapters.sqlite_store import SqliteStore
 from adapters.sqlite_verify import Verifier
 from domain.errors import IntegrityError
-from domain.events import SNAPSHOT_ACTIONS, Event
+from domain.events import SNAPSHOT_ACTIONS, Event, authorship_fault
 from domain.evolve import evolve
 from domain.state import ScopeKey, ScopeState
 
@@ -170,6 +170,9 @@ class _Loader:
         if event_object(event, obj["prev_hash"]) != hashed:
             raise BadLine(number, f"event {event.event_id} has fields not in the stored form")
         self._check_chain(number, event, hashed, obj["hash"])
+        fault = authorship_fault(event)
+        if fault is not None:
+            raise BadLine(number, f"event {event.event_id}: {fault}")
         state = self._replay(number, event)
         self._check_snapshot(number, event, state, obj)
         self._insert(number, event, hashed, obj["hash"], state)
@@ -222,8 +225,6 @@ class _Loader:
     def _insert(
         self, number: int, event: Event, hashed: dict[str, Any], hash_: str, state: ScopeState
     ) -> None:
-        if event.message_id is not None and event.message_digest is None:
-            raise BadLine(number, f"event {event.event_id}: message_id without message_digest")
         try:
             self.conn.execute(INSERT_EVENT, event_row(hashed, hash_))
         except sqlite3.IntegrityError:  # events_by_message: the idempotency key is unique

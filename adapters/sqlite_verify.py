@@ -10,7 +10,7 @@ from adapters.canonical import chain_hash
 from adapters.sqlite_reads import events_after, head
 from adapters.sqlite_rows import Head, Row, decode_state, event_dict, row_event
 from domain.errors import IntegrityError
-from domain.events import Event
+from domain.events import Event, authorship_fault
 from domain.evolve import evolve
 from domain.state import ScopeKey, ScopeState
 
@@ -87,6 +87,9 @@ class Verifier:
             event = row_event(row)
         except Exception as exc:
             _fail(row[0], f"event {row[0]} cannot be decoded: {exc}")
+        fault = authorship_fault(event)
+        if fault is not None:
+            _fail(event.event_id, f"event {event.event_id}: {fault}")
         before = self.states.get(event.scope)
         if event.seq != (before.seq if before is not None else 0) + 1:
             _fail(event.event_id, f"event {event.event_id} has seq {event.seq} out of order")

@@ -10,7 +10,7 @@ from typing import Any
 
 import msgspec
 
-from domain.commands import Actor, Cause
+from domain.commands import BIDDER_COMMANDS, Actor, Cause
 
 SCHEMA_VERSION = 1
 SNAPSHOT_ACTIONS = frozenset({"rollback", "finalize_round", "checkpoint"})
@@ -41,3 +41,22 @@ class Event(msgspec.Struct, frozen=True, kw_only=True):
     @property
     def scope(self) -> tuple[int, str]:
         return (self.bid_year, self.area)
+
+
+def authorship_fault(event: Event) -> str | None:
+    """Why ``event`` could not have been recorded by bidlog as it stands, judging by who
+    sent it (PROTOCOL section 5's role rules, section 6's automatic checkpoints); None if
+    it could. A chain re-hashed by a forger passes every hash: this is what still tells."""
+    automatic = event.message_id is None or event.message_digest is None
+    if automatic:
+        if event.message_id is not None or event.message_digest is not None:
+            return "message_id and message_digest must be both present or both null"
+        if event.action != "checkpoint" or event.actor != SYSTEM_ACTOR:
+            return "only bidlog's automatic checkpoints have no message"
+        return None
+    role = event.actor.role
+    if role == "system":
+        return "role system sends no messages; only automatic checkpoints are bidlog's"
+    if role == "bidder" and event.action not in BIDDER_COMMANDS:
+        return f"role bidder may not send {event.action}"
+    return None

@@ -233,6 +233,21 @@ def wrong_type(lines: list[Line]) -> tuple[list[Line], int]:
     return rehash(lines, 1), 2
 
 
+def system_sends(lines: list[Line]) -> tuple[list[Line], int]:
+    lines[1]["actor"] = {"id": "bidlog", "role": "system"}
+    return rehash(lines, 1), 2
+
+
+def bidder_creates(lines: list[Line]) -> tuple[list[Line], int]:
+    lines[1]["actor"] = {"id": "u-1", "role": "bidder"}
+    return rehash(lines, 1), 2
+
+
+def anonymous_command(lines: list[Line]) -> tuple[list[Line], int]:
+    lines[1]["message_id"] = lines[1]["message_digest"] = None
+    return rehash(lines, 1), 2
+
+
 Mutation = Callable[[list[Line]], tuple[list[Line], int]]
 
 
@@ -251,6 +266,9 @@ Mutation = Callable[[list[Line]], tuple[list[Line], int]]
         (extra_field, "unknown fields ['note']"),
         (drop_state, "'state' must be present exactly on snapshots"),
         (wrong_type, "not an event"),
+        (system_sends, "role system sends no messages"),
+        (bidder_creates, "role bidder may not send create_area"),
+        (anonymous_command, "only bidlog's automatic checkpoints have no message"),
     ],
 )
 async def test_a_broken_or_forged_export_is_refused_naming_the_line(

@@ -122,6 +122,32 @@ async def test_a_delta_that_does_not_replay_is_caught(tmp_path: Path) -> None:
     assert caught.value.details == {"event_id": 2}
 
 
+@pytest.mark.parametrize(
+    ("statement", "message"),
+    [
+        ("""UPDATE events SET actor = '{"id":"bidlog","role":"system"}' WHERE event_id = 2""",
+         "role system sends no messages"),
+        ("""UPDATE events SET actor = '{"id":"u-1","role":"bidder"}' WHERE event_id = 2""",
+         "role bidder may not send register_user"),
+        ("UPDATE events SET message_id = NULL, message_digest = NULL WHERE event_id = 2",
+         "only bidlog's automatic checkpoints have no message"),
+        ("UPDATE events SET message_digest = NULL WHERE event_id = 2",
+         "both present or both null"),
+    ],
+)  # fmt: skip
+async def test_a_rehashed_event_nobody_could_have_sent_is_caught(
+    tmp_path: Path, statement: str, message: str
+) -> None:
+    """A forger who re-hashes the chain passes every hash; the role rules still tell."""
+    db = tmp_path / "db.sqlite3"
+    await build(db)
+    tamper(db, statement)
+    rehash_from(db, 2)
+    with pytest.raises(IntegrityError, match=message) as caught:
+        await verify(db)
+    assert caught.value.details == {"event_id": 2}
+
+
 async def test_the_writer_notices_a_truncated_head(tmp_path: Path) -> None:
     """Only the writer knows what it committed; a reader cannot tell a cut-off tail."""
     db = tmp_path / "db.sqlite3"

@@ -261,7 +261,11 @@ class SqliteStore:
         if at_event is not None and at_time is not None:
             raise ValueError("give at_event or at_time, not both")
         moment = None if at_time is None else _timestamp(at_time)
-        return await self._read(_state_at, key, at_event, moment, self._sound)
+        # A reader (the CLI's `state`) checks the hashes of the events after the newest
+        # snapshot; the worker's queries skip that, to keep a read of a past point fast
+        # (about 6 ms, against 10 with it). Its start-up and rollbacks check them.
+        check = self._lock is None
+        return await self._read(_state_at, key, at_event, moment, self._sound, check)
 
     async def event_state(self, key: ScopeKey, event_id: int) -> ScopeState | None:
         """The scope's state right after ``event_id`` if that event belongs to the scope."""
@@ -394,11 +398,12 @@ def _state_at(
     at_event: int | None,
     at_time: str | None,
     checked: set[int],
+    check_hashes: bool,
 ) -> ScopeState | None:
     upto = reads.END if at_event is None else at_event
     if at_time is not None:
         upto = reads.last_event_at(conn, at_time)
-    found_point = reads.point(conn, key, upto, checked)
+    found_point = reads.point(conn, key, upto, checked, check_hashes=check_hashes)
     return None if found_point is None else found_point.state
 
 

@@ -166,6 +166,29 @@ async def test_a_snapshot_altered_behind_the_stores_back_is_never_served(
         await store.close()
 
 
+async def test_an_event_after_the_newest_snapshot_is_checked_against_its_hash(
+    tmp_path: Path,
+) -> None:
+    """No snapshot vouches for the events after the newest one: a reader, recovery and a
+    rollback's target check each one's hash, so a changed event is never built upon."""
+    db = tmp_path / "db.sqlite3"
+    async with scenario_store(db) as (_, driver):
+        await driver.run(register("ZZ"))
+        changed = driver.entries[-1].event.event_id
+        before = driver.expected(NORTH, changed - 1)
+    tamper(db, f"UPDATE events SET after = replace(after, 'ZZ', 'ZY') WHERE event_id = {changed}")
+    reader = await SqliteStore.open(db, writer=False)
+    writer = await SqliteStore.open(db)
+    try:
+        for read in (reader.state_at(NORTH), writer.recover(), writer.event_state(NORTH, changed)):
+            with pytest.raises(IntegrityError, match=f"event {changed} does not match its hash"):
+                await read
+        assert await reader.state_at(NORTH, at_event=changed - 1) == before
+    finally:
+        await reader.close()
+        await writer.close()
+
+
 async def test_timeline_pages(tmp_path: Path) -> None:
     async with scenario_store(tmp_path / "db.sqlite3") as (store, driver):
         north = [e.event.event_id for e in driver.entries if e.event.scope == NORTH]

@@ -346,6 +346,21 @@ def test_a_worker_will_not_start_on_a_forged_newest_snapshot(example_db: Path) -
     assert sql(example_db, "SELECT max(event_id) FROM events") == [(11,)]
 
 
+def test_state_refuses_an_event_changed_after_the_newest_snapshot(example_db: Path) -> None:
+    """South has no snapshot: `state` replays its events, and checks each one's hash."""
+    conn = sqlite3.connect(example_db)
+    conn.execute("DROP TRIGGER events_no_update")
+    changed = conn.execute(
+        "UPDATE events SET after = replace(after, 'Eve Fox', 'Eve Fix') WHERE event_id = 5"
+    )
+    assert changed.rowcount == 1
+    conn.commit()
+    conn.close()
+    south = ["state", "--bid-year", "2026", "--area", "South", "--db", example_db]
+    fails_cleanly(bidlog(*south), "integrity_error: event 5 does not match its hash")
+    assert summary(bidlog(*south, "--at-event", "4"))["users"] == []
+
+
 def test_export_of_a_snapshot_that_is_not_json_fails_cleanly(
     example_db: Path, tmp_path: Path
 ) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -102,18 +103,32 @@ class Applier:
         self.ledger = ledger
         self.clock = clock
 
-    async def process(self, requests: Sequence[Request]) -> None:
-        """Handle every line of ``requests`` in order; each gets exactly one reply."""
+    async def process(
+        self, requests: Sequence[Request], *, turn: float = math.inf
+    ) -> list[Request]:
+        """Handle the lines of ``requests`` in order; each gets exactly one reply.
+
+        Reads (queries, rollbacks) can take long: once ``turn`` seconds have passed, the
+        batch stops after the read that used them up, and the requests (or the rest of
+        one) not handled are returned, for the caller to hand back later. Everything
+        handled is committed and answered before this returns.
+        """
         run = _Run(self.ledger.draft(), self.clock.now())
-        for request in requests:
-            outbox = request.outbox
-            for frame in request.frames:
+        started = time.monotonic()
+        for at, request in enumerate(requests):
+            outbox, frames = request.outbox, request.frames
+            for i, frame in enumerate(frames):
                 item = _decode(frame)
                 if isinstance(item, codec.Decoded) and isinstance(item.message, _READS_LOG):
                     await self._handle_read(run, outbox, item)
+                    if time.monotonic() - started >= turn:
+                        await self._flush(run)
+                        rest = [Request(frames[i + 1 :], outbox)] if i + 1 < len(frames) else []
+                        return rest + list(requests[at + 1 :])
                 else:
                     self._take(run, _Line(outbox, item))
         await self._flush(run)
+        return []
 
     async def _handle_read(self, run: _Run, outbox: Outbox, item: codec.Decoded) -> None:
         """A query or a rollback: both read the log, so what is waiting commits first.

@@ -1,7 +1,13 @@
-"""The anyio pipeline: connections frame lines into one bounded inbox; one applier
+"""The anyio pipeline: connections frame lines into queues of their own; one applier
 task takes what is waiting as a batch, commits it, and replies in order per stream.
 
-Memory stays bounded: the inbox holds at most ``inbox_size`` chunks of lines, and each
+The applier takes the connections' chunks in turn (one chunk of each connection with
+lines waiting, round and round, up to ``max_batch`` lines), and a batch stops after a
+read (query or rollback) once it has run for ``turn`` seconds, the rest going back to
+the front of its connection's queue: so a client pipelining heavy queries delays the
+others by about a turn, not by all it sent.
+
+Memory stays bounded: at most ``inbox_size`` chunks of lines wait in all, and each
 connection has a window of at most ``in_flight`` lines read but not yet answered, so a
 flood or a slow disk pushes back on the readers instead of growing queues. Lines travel
 in chunks (all the lines one read produced) so the per-line cost stays small.
@@ -11,11 +17,13 @@ from __future__ import annotations
 
 import logging
 import math
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 import anyio
 import anyio.abc
+import anyio.lowlevel
 from anyio.streams.memory import MemoryObjectReceiveStream
 
 from adapters.transports import LineFramer, TooLarge, memory_stream_pair
@@ -142,6 +150,16 @@ class Connection:
         self._written.set()
 
 
+class _Feed:
+    """One connection's chunks waiting for the applier, oldest first."""
+
+    __slots__ = ("chunks", "queued")
+
+    def __init__(self) -> None:
+        self.chunks: deque[Request] = deque()
+        self.queued = False  # in the worker's ring of connections with chunks waiting
+
+
 class Worker:
     """One applier and any number of connections feeding it."""
 
@@ -154,14 +172,19 @@ class Worker:
         in_flight: int = 2048,
         max_unwritten: int = 16 << 20,
         patience: float = 10.0,
+        turn: float = 0.02,
     ) -> None:
         self.applier = applier
         self.max_batch = max_batch
         self.in_flight = in_flight
         self.max_unwritten = max_unwritten
         self.patience = patience
+        self.turn = turn
         self.dropped = 0  # connections closed with replies unwritten
-        self._inbox_send, self._inbox = anyio.create_memory_object_stream[Request](inbox_size)
+        self._ring: deque[_Feed] = deque()  # connections with chunks waiting, in turn
+        self._chunks = Window(inbox_size)  # chunks waiting, all connections together
+        self._work = anyio.Event()  # set when a chunk arrives or the inbox closes
+        self._closed = False
         self._readers: set[anyio.CancelScope] = set()
         self._reading = 0
         self._no_readers = anyio.Event()
@@ -170,24 +193,49 @@ class Worker:
         self._tg: anyio.abc.TaskGroup | None = None
 
     async def apply_forever(self) -> None:
-        """Take what is waiting (about ``max_batch`` lines), process it; end when the
-        inbox is closed and empty."""
-        async with self._inbox:
-            async for first in self._inbox:
-                requests = self._gather(first)
-                with anyio.CancelScope(shield=True):
-                    await self.applier.process(requests)
+        """Take what is waiting (about ``max_batch`` lines, the connections in turn) and
+        process it; end when the inbox is closed and empty."""
+        while True:
+            while not self._ring:
+                if self._closed:
+                    return
+                if self._work.is_set():
+                    self._work = anyio.Event()
+                await self._work.wait()
+            requests, feeds = self._gather()
+            with anyio.CancelScope(shield=True):
+                rest = await self.applier.process(requests, turn=self.turn)
+            for request in reversed(rest):  # back to the front of their queues, in order
+                feed = feeds[id(request.outbox)]
+                feed.chunks.appendleft(request)
+                self._chunks.used += 1
+                self._enqueue(feed)
+            # Let the readers hand over what they have read (a batch of queries answered
+            # from memory may never have waited for anything).
+            await anyio.lowlevel.checkpoint()
 
-    def _gather(self, first: Request) -> list[Request]:
-        requests, lines = [first], len(first.frames)
-        while lines < self.max_batch:
-            try:
-                more = self._inbox.receive_nowait()
-            except (anyio.WouldBlock, anyio.EndOfStream):
-                break
-            requests.append(more)
-            lines += len(more.frames)
-        return requests
+    def _gather(self) -> tuple[list[Request], dict[int, _Feed]]:
+        requests: list[Request] = []
+        feeds: dict[int, _Feed] = {}
+        ring, lines = self._ring, 0
+        while ring and lines < self.max_batch:
+            feed = ring.popleft()
+            request = feed.chunks.popleft()
+            requests.append(request)
+            feeds[id(request.outbox)] = feed
+            lines += len(request.frames)
+            if feed.chunks:
+                ring.append(feed)
+            else:
+                feed.queued = False
+        self._chunks.release(len(requests))
+        return requests, feeds
+
+    def _enqueue(self, feed: _Feed) -> None:
+        if not feed.queued:
+            feed.queued = True
+            self._ring.append(feed)
+            self._work.set()
 
     async def serve(self, stream: anyio.abc.ByteStream) -> None:
         """Read lines from ``stream`` until it ends (or the worker stops) and answer each."""
@@ -200,7 +248,7 @@ class Worker:
         async with anyio.create_task_group() as tg:
             tg.start_soon(_write_replies, stream, outbox, conn)
             async with outbox_send:
-                await self._read_requests(stream, Outbox(conn.deliver, conn.room), conn)
+                await self._read_requests(stream, Outbox(conn.deliver, conn.room), conn, _Feed())
                 await conn.drained()  # every reply handed to the writer and written
         await stream.aclose()
 
@@ -208,7 +256,7 @@ class Worker:
         self.dropped += 1
 
     async def _read_requests(
-        self, stream: anyio.abc.ByteStream, outbox: Outbox, conn: Connection
+        self, stream: anyio.abc.ByteStream, outbox: Outbox, conn: Connection, feed: _Feed
     ) -> None:
         if self._stopping:
             return
@@ -218,7 +266,7 @@ class Worker:
         self._reading += 1
         try:
             with scope:
-                await self._pump(stream, outbox, window)
+                await self._pump(stream, outbox, window, feed)
         except _GONE as exc:
             log.info("connection closed while reading: %s", exc)
         finally:
@@ -227,24 +275,30 @@ class Worker:
             if self._reading == 0 and self._stopping:
                 self._no_readers.set()
 
-    async def _pump(self, stream: anyio.abc.ByteStream, outbox: Outbox, window: Window) -> None:
+    async def _pump(
+        self, stream: anyio.abc.ByteStream, outbox: Outbox, window: Window, feed: _Feed
+    ) -> None:
         framer = LineFramer()
         while True:
             try:
                 frames = framer.feed(await stream.receive())
             except anyio.EndOfStream:
-                await self._push(framer.finish(), outbox, window)
+                await self._push(framer.finish(), outbox, window, feed)
                 return
-            await self._push(frames, outbox, window)
+            await self._push(frames, outbox, window, feed)
 
-    async def _push(self, frames: list[bytes | TooLarge], outbox: Outbox, window: Window) -> None:
+    async def _push(
+        self, frames: list[bytes | TooLarge], outbox: Outbox, window: Window, feed: _Feed
+    ) -> None:
         if not frames:
             return
         await window.acquire(len(frames))
         # Shielded: a chunk is either handed over whole or never taken, and the applier
         # keeps draining, so this cannot hang a shutdown.
         with anyio.CancelScope(shield=True):
-            await self._inbox_send.send(Request(frames, outbox))
+            await self._chunks.acquire(1)
+        feed.chunks.append(Request(frames, outbox))
+        self._enqueue(feed)
 
     def stop_reading(self) -> None:
         """Stop every reader; what was read is still committed and answered."""
@@ -259,7 +313,8 @@ class Worker:
         """After ``stop_reading``: once no reader is left, close the inbox. (Each
         connection then waits for its replies to be taken; see ``Connection.drained``.)"""
         await self._no_readers.wait()
-        await self._inbox_send.aclose()
+        self._closed = True
+        self._work.set()
 
     @property
     def task_group(self) -> anyio.abc.TaskGroup:

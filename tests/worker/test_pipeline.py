@@ -11,6 +11,7 @@ import pytest
 
 from tests.wire import (
     BIDDER,
+    Msg,
     bid,
     create_area,
     example_lines,
@@ -369,6 +370,69 @@ async def test_several_clients_pipelining_at_once(db: Path) -> None:
         assert [r["id"] for r in replies] == [f"c{n}-{i}" for i in range(20)]
         assert all(r["ok"] for r in replies)
     assert len(state["result"]["users"]) == 80
+
+
+@pytest.mark.parametrize("turn", [0.0, 0.005])
+async def test_a_client_pipelining_queries_does_not_hold_up_the_others(
+    db: Path, turn: float
+) -> None:
+    """Connections take turns, and a batch stops after a read once its turn is used up:
+    a command sent while another client's 300 queries are being answered is committed
+    after a few of them, not after all (each timeline tells whether it ran after)."""
+    with anyio.fail_after(30):
+        async with (
+            worker_on(db, turn=turn) as worker,
+            await worker.connect() as heavy_stream,
+            await worker.connect() as other_stream,
+        ):
+            heavy, other = Client(heavy_stream), Client(other_stream)
+            await setup_north(other)
+            timelines = [
+                msg("timeline", id=f"q{i}", bid_year=2026, area="North") for i in range(300)
+            ]
+            await heavy.send(*timelines)
+            answers = await heavy.receive(1)  # its queries are being answered
+            assert (await other.ask_one(register("EF")))["ok"]
+            answers += await heavy.receive(299)
+    before = [a for a in answers if len(a["result"]["events"]) == 4]  # set-up only
+    assert [a["id"] for a in answers] == [f"q{i}" for i in range(300)]
+    assert 1 <= len(before) < 100
+
+
+async def test_a_batch_cut_short_after_a_read_hands_back_the_rest_in_order(db: Path) -> None:
+    """With a turn of 0 every read ends its batch: the lines after it (commands and reads,
+    of its own chunk and of other connections' chunks taken in the same batch) go back to
+    the front of their queues, and each is still answered once, in order."""
+
+    def mixed(client: int) -> list[Msg]:
+        out: list[Msg] = []
+        for i in range(40):
+            initials = f"{chr(65 + client)}{chr(65 + i % 26)}" if i < 26 else None
+            if initials is not None:
+                out.append(register(initials, id=f"c{client}-r{i}"))
+            out.append(msg("timeline", id=f"c{client}-t{i}", bid_year=2026, area="North"))
+        return out
+
+    results: dict[int, list[dict[str, Any]]] = {}
+
+    async def feed(n: int, client: Client) -> None:
+        results[n] = await client.ask(*mixed(n))
+
+    with anyio.fail_after(30):
+        async with worker_on(db, turn=0) as worker:
+            clients = [Client(await worker.connect()) for _ in range(3)]
+            await clients[0].ask_one(create_area())
+            async with anyio.create_task_group() as tg:
+                for n, client in enumerate(clients):
+                    tg.start_soon(feed, n, client)
+            state = await clients[0].ask_one(get_state())
+            for client in clients:
+                await client.stream.aclose()
+    for n, replies in results.items():
+        assert [r["id"] for r in replies] == [m["id"] for m in mixed(n)]
+        assert all(r["ok"] for r in replies)
+    assert len(state["result"]["users"]) == 3 * 26
+    assert state["result"]["seq"] == 1 + 3 * 26  # each command applied exactly once
 
 
 async def _drain(stream: anyio.abc.ByteStream) -> int:

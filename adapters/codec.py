@@ -74,7 +74,7 @@ def decode(line: bytes) -> Decoded:
     except (msgspec.DecodeError, UnicodeDecodeError) as exc:
         raise _malformed(exc, line) from None
     except RecursionError:
-        raise _too_deep() from None
+        raise _too_deep(line) from None
     # A command encodes back to exactly the canonical form of the line (see BaseCommand).
     return Decoded(message, digest(message) if isinstance(message, BaseCommand) else None)
 
@@ -92,7 +92,7 @@ def _classify(line: bytes, error: str) -> DecodeFailure:
     except (msgspec.DecodeError, UnicodeDecodeError) as exc:
         return _malformed(exc, line)
     except RecursionError:
-        return _too_deep()
+        return _too_deep(line)
     message_id = _usable_id(envelope.get("id"))
     if message_id is None:
         return DecodeFailure(
@@ -198,8 +198,72 @@ def _has_surrogate(value: Any) -> bool:
     return False
 
 
-def _too_deep() -> DecodeFailure:
-    return DecodeFailure("invalid_message", "JSON is nested too deeply", _at("$"), None)
+def _too_deep(line: bytes) -> DecodeFailure:
+    message = "JSON is nested too deeply"
+    return DecodeFailure("invalid_message", message, _at("$"), _shallow_id(line))
+
+
+_TOKEN = re.compile(rb'"(?:[^"\\]|\\.)*"|[\[\]{}]')
+_SCALAR_END = re.compile(rb"[,}\]\s]")
+_SPACE = re.compile(rb"[ \t\r\n]*")
+
+
+def _shallow_id(line: bytes) -> str | None:
+    """The usable top-level ``id`` of a JSON object too deep for the decoders (which
+    recurse), found by a scan that does not; None if there is none. Like the decoders,
+    the last of repeated ``id`` keys counts."""
+    at = _space(line, 0)
+    if line[at : at + 1] != b"{":
+        return None
+    found: bytes | None = None
+    at = _space(line, at + 1)
+    while line[at : at + 1] == b'"':
+        key = _TOKEN.match(line, at)
+        if key is None:
+            return None
+        colon = _space(line, key.end())
+        if line[colon : colon + 1] != b":":
+            return None
+        start = _space(line, colon + 1)
+        end = _value_end(line, start)
+        if end < 0:
+            return None
+        if _string(msgspec.Raw(key.group())) == "id":
+            found = line[start:end]
+        at = _space(line, end)
+        if line[at : at + 1] != b",":
+            break
+        at = _space(line, at + 1)
+    if found is None or line[at : at + 1] != b"}" or _space(line, at + 1) != len(line):
+        return None  # not one JSON object after all: no id is trusted
+    return _usable_id(msgspec.Raw(found))
+
+
+def _space(line: bytes, at: int) -> int:
+    match = _SPACE.match(line, at)
+    return at if match is None else match.end()
+
+
+def _value_end(line: bytes, at: int) -> int:
+    """Where the JSON value starting at ``at`` ends (brackets counted, strings skipped);
+    -1 if it does not."""
+    head = line[at : at + 1]
+    if head == b'"':
+        match = _TOKEN.match(line, at)
+        return -1 if match is None else match.end()
+    if head not in (b"[", b"{"):
+        scalar = _SCALAR_END.search(line, at)
+        return len(line) if scalar is None else scalar.start()
+    depth = 0
+    for token in _TOKEN.finditer(line, at):
+        kind = token.group()
+        if kind in (b"[", b"{"):
+            depth += 1
+        elif kind in (b"]", b"}"):
+            depth -= 1
+            if depth == 0:
+                return token.end()
+    return -1
 
 
 def ack_reply(

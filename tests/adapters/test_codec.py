@@ -320,6 +320,27 @@ def test_a_deeply_nested_line_is_refused_without_crashing() -> None:
         error = failure(line)
         assert error.code == "invalid_message"
         assert error.details["path"] in ("$", "$.x")
+        assert error.message_id == (None if line == deep else "m-1")  # JSON, usable id
+
+
+@pytest.mark.parametrize(
+    ("line", "message_id"),
+    [
+        (b'{"x":%s,"id":"m-9"}', "m-9"),
+        (b'{"id":5,"x":%s,"id":"m-2"}', "m-2"),  # the last one counts, as in the decoders
+        (b' { "id" : "sp" , "x" : %s } ', "sp"),
+        (b'{"\\u0069d":"esc","x":%s}', "esc"),
+        (b'{"id":"m","s":"[[\\"[{","x":%s}', "m"),  # brackets in strings do not count
+        (b'{"x":%s}', None),
+        (b'{"id":"%s"}', None),
+        (b'{"id":7,"x":%s}', None),
+        (b'{"id":"m-1","x":%s', None),  # not JSON after all: no id is trusted
+    ],
+)
+def test_a_too_deep_line_echoes_its_top_level_id(line: bytes, message_id: str | None) -> None:
+    deep = b"[" * 10_000 + b"]" * 10_000
+    error = failure(line.replace(b"%s", deep))
+    assert (error.code, error.message_id) == ("invalid_message", message_id)
 
 
 # --- field rules: each names its path -----------------------------------------------------------

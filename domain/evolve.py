@@ -44,7 +44,7 @@ def auto_checkpoint(state: ScopeState, *, event_id: int, recorded_at: str) -> Ev
         cause=AUTO_CHECKPOINT_CAUSE,
         message_id=None,
         message_digest=None,
-        detail={"automatic": True},
+        detail={},  # no command, so no command fields (section 6: `{}` when none)
         before=None,
         after=None,
         snapshot=True,

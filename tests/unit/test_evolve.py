@@ -56,7 +56,7 @@ def test_auto_checkpoint_is_a_system_snapshot_that_changes_nothing() -> None:
     assert (event.event_id, event.seq, event.recorded_at) == (11, 4, NOW_TEXT)
     assert (event.bid_year, event.area) == (YEAR, state.area)
     assert (event.action, event.actor, event.snapshot) == ("checkpoint", SYSTEM_ACTOR, True)
-    assert (event.message_id, event.message_digest) == (None, None)
+    assert (event.message_id, event.message_digest, event.detail) == (None, None, {})
     after = evolve(state, event)
     assert without_position(after) == without_position(state)
     assert (after.seq, after.head_event) == (4, 11)

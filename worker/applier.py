@@ -158,7 +158,9 @@ class Applier:
 
     async def _query(self, query: Query) -> bytes:
         if query.actor is not None and query.actor.role == "system":
-            return _error(query.id, errors.Unauthorized("role system is reserved", role="system"))
+            tag = type(query).__struct_config__.tag
+            exc = errors.Unauthorized("role system is reserved", role="system", type=tag)
+            return _error(query.id, exc)
         try:
             result = await queries.answer(query, self.ledger, self.store)
         except errors.DomainError as exc:

@@ -164,6 +164,9 @@ async def test_bidder_may_only_bid_and_system_is_reserved(db: Path) -> None:
     assert code(admin_cmd) == "unauthorized"
     assert code(system) == "unauthorized"
     assert ok["ok"] is True
+    async with client_on(db) as client:
+        query = await client.ask_one(get_state(actor={"id": "x", "role": "system"}))
+    assert query["error"]["details"] == {"role": "system", "type": "get_state"}
 
 
 async def test_every_domain_rule_through_the_pipeline(db: Path) -> None:

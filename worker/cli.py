@@ -225,7 +225,9 @@ async def run_state(args: argparse.Namespace) -> int:
     finally:
         await store.close()
     if state is None:
-        print(f"bidlog: area {args.bid_year}/{args.area} had no event by then", file=sys.stderr)
+        now = args.at_event is None and args.at_time is None
+        what = "does not exist" if now else "had no event by then"
+        print(f"bidlog: area {args.bid_year}/{args.area} {what}", file=sys.stderr)
         return 1
     try:
         tools.write_out(codec.encode_json_line(render(state)))

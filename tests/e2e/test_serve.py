@@ -101,6 +101,7 @@ def test_state_and_timeline_commands(tmp_path: Path) -> None:
     assert [e["seq"] for e in replies(timeline.stdout)] == list(range(1, 10))
     missing = bidlog("state", "--bid-year", "2026", "--area", "West", "--db", db)
     assert missing.returncode == 1 and missing.stdout == b""
+    assert missing.stderr.endswith(b"area 2026/West does not exist\n")
     # Times whose UTC form leaves the calendar are after, or before, every event.
     scope = ("--bid-year", "2026", "--area", "North", "--db", db)
     late = bidlog("state", *scope, "--at-time", "9999-12-31T23:59:59-01:00")

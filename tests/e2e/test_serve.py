@@ -218,7 +218,7 @@ def test_second_worker_on_same_database_refuses(tmp_path: Path, sockdir: Path) -
         assert second.stdout == b""
         readonly = bidlog("state", "--bid-year", "2026", "--area", "North", "--db", db)
         assert readonly.returncode == 1  # no such area yet, but the read itself works
-        assert b"no event" in readonly.stderr
+        assert b"does not exist" in readonly.stderr
     finally:
         proc.send_signal(signal.SIGINT)
         assert proc.wait(20) == 0

@@ -13,7 +13,7 @@ import datetime as dt
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from adapters import codec
@@ -29,8 +29,8 @@ from worker.ports import Clock, Store
 log = logging.getLogger("bidlog.applier")
 
 
-async def _always_room() -> None:
-    return None
+def _never_full() -> bool:
+    return False
 
 
 @dataclass(eq=False)
@@ -38,12 +38,12 @@ class Outbox:
     """Where one connection's replies go: ``send((data, count))`` never blocks (the
     connection's window bounds it); ``count`` is how many replies ``data`` holds.
 
-    ``room()`` returns once the connection has taken enough of its replies to be sent a
-    large one (a query's); the pipeline closes a connection that takes none for long.
+    ``full()`` says the connection has too many replies unwritten to be sent a large one
+    (a query's): its lines then wait (``process`` hands them back) until it takes some.
     """
 
     send: Callable[[tuple[bytes, int]], None]
-    room: Callable[[], Awaitable[None]] = _always_room
+    full: Callable[[], bool] = _never_full
 
 
 @dataclass(eq=False)
@@ -109,9 +109,10 @@ class Applier:
         """Handle the lines of ``requests`` in order; each gets exactly one reply.
 
         Reads (queries, rollbacks) can take long: once ``turn`` seconds have passed, the
-        batch stops after the read that used them up, and the requests (or the rest of
-        one) not handled are returned, for the caller to hand back later. Everything
-        handled is committed and answered before this returns.
+        batch stops after the read that used them up; and it stops before a read for a
+        connection whose outbox is ``full``. The requests (or the rest of one) not
+        handled are returned, for the caller to hand back later. Everything handled is
+        committed and answered before this returns.
         """
         run = _Run(self.ledger.draft(), self.clock.now())
         started = time.monotonic()
@@ -120,6 +121,9 @@ class Applier:
             for i, frame in enumerate(frames):
                 item = _decode(frame)
                 if isinstance(item, codec.Decoded) and isinstance(item.message, _READS_LOG):
+                    if outbox.full():  # this line and the rest wait for the reader
+                        await self._flush(run)
+                        return [Request(frames[i:], outbox), *requests[at + 1 :]]
                     await self._handle_read(run, outbox, item)
                     if time.monotonic() - started >= turn:
                         await self._flush(run)
@@ -131,14 +135,8 @@ class Applier:
         return []
 
     async def _handle_read(self, run: _Run, outbox: Outbox, item: codec.Decoded) -> None:
-        """A query or a rollback: both read the log, so what is waiting commits first.
-
-        A query's reply can be megabytes: it waits until its connection has taken most
-        of what it was sent, so a client that pipelines queries and reads slowly (or
-        never) cannot make the worker hold their replies without bound.
-        """
+        """A query or a rollback: both read the log, so what is waiting commits first."""
         await self._flush(run)
-        await outbox.room()
         message = item.message
         try:
             if isinstance(message, Rollback):

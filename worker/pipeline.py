@@ -66,7 +66,8 @@ class Connection:
     """One connection's replies on their way out, and what to do if they pile up.
 
     ``unwritten`` counts reply bytes handed over but not yet written; ``taken``, those
-    written. A large reply (``room``) waits while more than ``limit`` are unwritten, and
+    written. A large reply waits (``full``, ``room``) while more than ``limit`` are
+    unwritten, and
     at the end of its input (or when the worker stops) the connection waits until its
     replies are written (``drained``). Either way, a peer that takes none of them for
     ``patience`` seconds is dropped: reading stops, its remaining replies are discarded
@@ -102,9 +103,13 @@ class Connection:
         self.unwritten += len(data)
         self._send(item)
 
+    def full(self) -> bool:
+        """The applier's ``Outbox.full``: too many replies unwritten for a large one."""
+        return self.unwritten > self.limit and not self.dropped
+
     async def room(self) -> None:
-        """The applier's ``Outbox.room``: a slow reader is waited for as long as it
-        takes something every ``patience`` seconds."""
+        """Until the connection is not ``full``: a slow reader is waited for as long as
+        it takes something every ``patience`` seconds, else dropped."""
         while self.unwritten > self.limit and not self.dropped:
             with anyio.move_on_after(self.patience) as waited:
                 await self._wait_written()
@@ -153,11 +158,13 @@ class Connection:
 class _Feed:
     """One connection's chunks waiting for the applier, oldest first."""
 
-    __slots__ = ("chunks", "queued")
+    __slots__ = ("chunks", "conn", "parked", "queued")
 
-    def __init__(self) -> None:
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
         self.chunks: deque[Request] = deque()
         self.queued = False  # in the worker's ring of connections with chunks waiting
+        self.parked = False  # waiting, out of the ring, for its reader to take replies
 
 
 class Worker:
@@ -185,6 +192,7 @@ class Worker:
         self._chunks = Window(inbox_size)  # chunks waiting, all connections together
         self._work = anyio.Event()  # set when a chunk arrives or the inbox closes
         self._closed = False
+        self._parked = 0
         self._readers: set[anyio.CancelScope] = set()
         self._reading = 0
         self._no_readers = anyio.Event()
@@ -197,7 +205,7 @@ class Worker:
         process it; end when the inbox is closed and empty."""
         while True:
             while not self._ring:
-                if self._closed:
+                if self._closed and not self._parked:
                     return
                 if self._work.is_set():
                     self._work = anyio.Event()
@@ -209,7 +217,10 @@ class Worker:
                 feed = feeds[id(request.outbox)]
                 feed.chunks.appendleft(request)
                 self._chunks.used += 1
-                self._enqueue(feed)
+                if feed.conn.full():
+                    self._park(feed)
+                else:
+                    self._enqueue(feed)
             # Let the readers hand over what they have read (a batch of queries answered
             # from memory may never have waited for anything).
             await anyio.lowlevel.checkpoint()
@@ -232,10 +243,32 @@ class Worker:
         return requests, feeds
 
     def _enqueue(self, feed: _Feed) -> None:
-        if not feed.queued:
+        if not feed.queued and not feed.parked:
             feed.queued = True
             self._ring.append(feed)
             self._work.set()
+
+    def _park(self, feed: _Feed) -> None:
+        """Take ``feed`` out of turn until its reader has taken enough replies (or is
+        dropped for taking none): the applier never waits for one slow reader."""
+        if feed.parked:
+            return
+        if feed.queued:
+            self._ring.remove(feed)
+            feed.queued = False
+        feed.parked = True
+        self._parked += 1
+        self.task_group.start_soon(self._unpark_when_room, feed)
+
+    async def _unpark_when_room(self, feed: _Feed) -> None:
+        try:
+            await feed.conn.room()
+        finally:
+            feed.parked = False
+            self._parked -= 1
+            if feed.chunks:
+                self._enqueue(feed)
+            self._work.set()  # also: a closing inbox may have waited for this one
 
     async def serve(self, stream: anyio.abc.ByteStream) -> None:
         """Read lines from ``stream`` until it ends (or the worker stops) and answer each."""
@@ -248,7 +281,8 @@ class Worker:
         async with anyio.create_task_group() as tg:
             tg.start_soon(_write_replies, stream, outbox, conn)
             async with outbox_send:
-                await self._read_requests(stream, Outbox(conn.deliver, conn.room), conn, _Feed())
+                replies = Outbox(conn.deliver, conn.full)
+                await self._read_requests(stream, replies, conn, _Feed(conn))
                 await conn.drained()  # every reply handed to the writer and written
         await stream.aclose()
 

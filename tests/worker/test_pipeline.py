@@ -452,7 +452,8 @@ async def test_a_client_that_takes_no_replies_to_its_queries_is_dropped(
     db: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Query replies can be megabytes: the worker holds at most about ``max_unwritten``
-    bytes of them for a connection, and drops one that takes none for ``patience``."""
+    bytes of them for a connection, and drops one that takes none for ``patience``.
+    Its queries wait out of turn meanwhile: another client is answered at once."""
     async with (
         worker_on(db, max_unwritten=4096, patience=0.3) as worker,
         await worker.connect() as stream,
@@ -462,11 +463,45 @@ async def test_a_client_that_takes_no_replies_to_its_queries_is_dropped(
         await setup_north(other)
         await silent.send(b"".join(line(get_state()) for _ in range(2000)))
         with anyio.fail_after(20):
-            # Queued behind the silent client's queries: answered once it is dropped.
             assert (await other.ask_one(register("EF")))["ok"]
+            assert worker.dropped == 0  # not waiting for the silent client to be dropped
+            while not worker.dropped:  # noqa: ASYNC110 (the worker has no event for it)
+                await anyio.sleep(0.05)
             answered = await _drain(silent)  # what was written, then the close
         assert answered < 2000
     assert "closing a connection: it took none of its replies for 0.3 s" in caplog.text
+
+
+async def test_a_slow_reader_of_large_replies_does_not_hold_up_the_others(db: Path) -> None:
+    """A client that pauses before reading its query replies (for less than the
+    patience) is not dropped, and meanwhile the applier serves everyone else: its
+    queries wait out of turn, the applier does not wait for it."""
+    taken = 0
+
+    async def read_after_a_pause(stream: anyio.abc.ByteStream) -> None:
+        nonlocal taken
+        await anyio.sleep(1.0)
+        while True:
+            try:
+                taken += (await stream.receive()).count(b"\n")
+            except anyio.EndOfStream:
+                return
+
+    with anyio.fail_after(60):
+        async with worker_on(db, max_unwritten=4096, patience=5) as worker:
+            other = Client(await worker.connect())
+            await setup_north(other)
+            slow = await worker.connect()
+            async with anyio.create_task_group() as tg:
+                await slow.send(b"".join(line(get_state()) for _ in range(500)))
+                tg.start_soon(read_after_a_pause, slow)
+                for n in range(20):
+                    reply = await other.ask_one(register(f"Z{chr(65 + n)}"))
+                    assert reply["ok"] and taken == 0  # answered while the slow one waits
+                await slow.send_eof()
+            await slow.aclose()
+            await other.stream.aclose()
+        assert taken == 500 and worker.dropped == 0
 
 
 async def test_stopping_gives_a_client_that_takes_no_replies_only_patience(db: Path) -> None:

@@ -352,16 +352,19 @@ async def test_timeline_of_unknown_scope_is_not_found(db: Path) -> None:
     assert code(reply) == "not_found"
 
 
-async def test_several_clients_pipelining_at_once(db: Path) -> None:
+async def clients_at_once(
+    db: Path, feeds: list[list[Msg]], **worker_options: Any
+) -> tuple[list[list[dict[str, Any]]], dict[str, Any]]:
+    """North created, then one client per feed sending all of it pipelined, at once:
+    each client's replies, and North's state after."""
     results: dict[int, list[dict[str, Any]]] = {}
 
     async def feed(n: int, client: Client) -> None:
-        messages = [register(f"{chr(65 + n)}{chr(65 + i)}", id=f"c{n}-{i}") for i in range(20)]
-        results[n] = await client.ask(*messages)
+        results[n] = await client.ask(*feeds[n])
 
-    with anyio.fail_after(10):
-        async with worker_on(db) as worker:
-            clients = [Client(await worker.connect()) for _ in range(4)]
+    with anyio.fail_after(30):
+        async with worker_on(db, **worker_options) as worker:
+            clients = [Client(await worker.connect()) for _ in feeds]
             await clients[0].ask_one(create_area())
             async with anyio.create_task_group() as tg:
                 for n, client in enumerate(clients):
@@ -369,7 +372,16 @@ async def test_several_clients_pipelining_at_once(db: Path) -> None:
             state = await clients[0].ask_one(get_state())
             for client in clients:
                 await client.stream.aclose()
-    for n, replies in results.items():
+    return [results[n] for n in range(len(feeds))], state
+
+
+async def test_several_clients_pipelining_at_once(db: Path) -> None:
+    feeds = [
+        [register(f"{chr(65 + n)}{chr(65 + i)}", id=f"c{n}-{i}") for i in range(20)]
+        for n in range(4)
+    ]
+    results, state = await clients_at_once(db, feeds)
+    for n, replies in enumerate(results):
         assert [r["id"] for r in replies] == [f"c{n}-{i}" for i in range(20)]
         assert all(r["ok"] for r in replies)
     assert len(state["result"]["users"]) == 80
@@ -416,22 +428,8 @@ async def test_a_batch_cut_short_after_a_read_hands_back_the_rest_in_order(db: P
             out.append(msg("timeline", id=f"c{client}-t{i}", bid_year=2026, area="North"))
         return out
 
-    results: dict[int, list[dict[str, Any]]] = {}
-
-    async def feed(n: int, client: Client) -> None:
-        results[n] = await client.ask(*mixed(n))
-
-    with anyio.fail_after(30):
-        async with worker_on(db, turn=0) as worker:
-            clients = [Client(await worker.connect()) for _ in range(3)]
-            await clients[0].ask_one(create_area())
-            async with anyio.create_task_group() as tg:
-                for n, client in enumerate(clients):
-                    tg.start_soon(feed, n, client)
-            state = await clients[0].ask_one(get_state())
-            for client in clients:
-                await client.stream.aclose()
-    for n, replies in results.items():
+    results, state = await clients_at_once(db, [mixed(n) for n in range(3)], turn=0)
+    for n, replies in enumerate(results):
         assert [r["id"] for r in replies] == [m["id"] for m in mixed(n)]
         assert all(r["ok"] for r in replies)
     assert len(state["result"]["users"]) == 3 * 26

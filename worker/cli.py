@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import errno
 import logging
+import math
 import os
 import re
 import signal
@@ -194,13 +196,40 @@ async def _bind(path: str) -> UnixListener:
         raise FatalError(f"cannot listen on {path}: {exc}") from exc
 
 
+# accept() errors that pass: out of file descriptors or memory, a peer gone before it
+# was accepted. The worker waits a little and accepts again; connected clients go on.
+_PASSING = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM, errno.ECONNABORTED}
+ACCEPT_BACKOFF = 0.1
+
+
 async def _accept(listener: UnixListener, worker: Worker) -> None:
     async with anyio.create_task_group() as tg:
-        # Connections live in the worker's task group: cancelling the accept loop
-        # must not cut off replies still owed to connected clients.
-        tg.start_soon(listener.serve, worker.serve, worker.task_group)
+        tg.start_soon(_accept_forever, listener, worker)
         await worker.stopped.wait()
         tg.cancel_scope.cancel()
+
+
+async def _accept_forever(listener: UnixListener, worker: Worker) -> None:
+    warned = -math.inf  # one warning per 10 s while it lasts, not one per retry
+    while True:
+        try:
+            stream = await listener.accept()
+        except anyio.BrokenResourceError as exc:
+            cause = exc.__cause__
+            if not isinstance(cause, OSError) or cause.errno not in _PASSING:
+                raise
+            if anyio.current_time() - warned >= 10:
+                warned = anyio.current_time()
+                log.warning(
+                    "cannot accept a connection now (%s); retrying every %g s",
+                    cause.strerror,
+                    ACCEPT_BACKOFF,
+                )
+            await anyio.sleep(ACCEPT_BACKOFF)
+            continue
+        # Connections live in the worker's task group: cancelling the accept loop
+        # must not cut off replies still owed to connected clients.
+        worker.task_group.start_soon(worker.serve, stream)
 
 
 async def _stop_on_signal(worker: Worker) -> None:

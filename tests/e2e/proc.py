@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import resource
 import socket
 import subprocess
 import sys
@@ -38,8 +39,16 @@ def replies(out: bytes) -> list[dict[str, Any]]:
     return [msgspec.json.decode(x) for x in out.splitlines()]
 
 
-def start_socket_worker(db: Path, sock: Path, *extra: str) -> subprocess.Popen[bytes]:
-    """Start ``bidlog serve --socket`` and wait until it accepts connections."""
+def start_socket_worker(
+    db: Path, sock: Path, *extra: str, max_files: int | None = None
+) -> subprocess.Popen[bytes]:
+    """Start ``bidlog serve --socket`` and wait until it accepts connections (with at
+    most ``max_files`` open file descriptors, if given)."""
+
+    def limit() -> None:
+        if max_files is not None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (max_files, max_files))
+
     log = sock.with_name(sock.name + ".log")
     with log.open("ab") as stderr:
         proc = subprocess.Popen(
@@ -47,6 +56,7 @@ def start_socket_worker(db: Path, sock: Path, *extra: str) -> subprocess.Popen[b
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=stderr,
+            preexec_fn=limit,
         )
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import sqlite3
 import stat
 import string
@@ -18,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from tests.e2e.proc import BIN, SocketClient, bidlog, replies, start_socket_worker
-from tests.wire import EXAMPLE, create_area, example_lines, line, register
+from tests.wire import EXAMPLE, create_area, example_lines, get_state, line, register
 
 
 @pytest.fixture
@@ -173,6 +174,37 @@ def test_unopenable_database_exits_1(tmp_path: Path) -> None:
             "state", "--bid-year", "2026", "--area", "N", "--db", tmp_path / "none.sqlite3"
         ).returncode
         == 1
+    )
+
+
+def test_running_out_of_file_descriptors_only_delays_new_connections(
+    tmp_path: Path, sockdir: Path
+) -> None:
+    """accept() failing with EMFILE used to end the worker, and every connection with
+    it. Now it waits and accepts again; connected clients are served throughout."""
+    db, sock = tmp_path / "b.sqlite3", sockdir / "s"
+    proc = start_socket_worker(db, sock, max_files=40)
+    try:
+        first = SocketClient(sock)
+        assert first.ask([line(create_area())])[0]["ok"]
+        crowd = []
+        for _ in range(60):  # queued by the kernel; the worker cannot accept them all
+            extra = socket.socket(socket.AF_UNIX)
+            extra.connect(str(sock))
+            crowd.append(extra)
+        time.sleep(0.5)
+        assert first.ask([line(get_state())])[0]["ok"]
+        for extra in crowd:
+            extra.close()
+        late = SocketClient(sock)
+        assert late.ask([line(get_state())])[0]["result"]["seq"] == 1
+        first.close()
+        late.close()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    assert (
+        b"cannot accept a connection now (Too many open files)" in (sockdir / "s.log").read_bytes()
     )
 
 

@@ -356,7 +356,7 @@ def test_state_refuses_an_event_changed_after_the_newest_snapshot(example_db: Pa
     assert changed.rowcount == 1
     conn.commit()
     conn.close()
-    south = ["state", "--bid-year", "2026", "--area", "South", "--db", example_db]
+    south: list[str | Path] = ["state", "--bid-year", "2026", "--area", "South", "--db", example_db]
     fails_cleanly(bidlog(*south), "integrity_error: event 5 does not match its hash")
     assert summary(bidlog(*south, "--at-event", "4"))["users"] == []
 

@@ -295,21 +295,22 @@ def _copy(source: sqlite3.Connection, tmp: Path, out: Path, db: Path) -> dict[st
 def refuse_overwrite(db: Path, out: Path) -> None:
     """Refuse an output path that is the database or one of SQLite's files beside it, or
     a database in use or not closed cleanly. Renaming a file over a database that has a
-    ``-wal`` beside it (a worker serving it, or a crash's leftover) would pair the new
-    file with the old log: a corrupt database, and acknowledged events gone."""
+    ``-wal`` with frames beside it (a worker serving it, or a crash's leftover) would
+    pair the new file with the old log: a corrupt database, and acknowledged events gone.
+    An empty ``-wal`` and a ``-shm`` are what read-only opens (``verify``, ``state``)
+    leave beside a database closed cleanly: they hold nothing, and do not refuse it."""
     if not out.parent.is_dir():
         raise ArchiveError(f"cannot write {out}: no directory {out.parent}")
     taken = {db.resolve().with_name(db.name + suffix) for suffix in ("", "-wal", "-shm")}
     if out.resolve() in taken:
         raise ArchiveError(f"{out} is the database itself (or its journal); choose another file")
     real = out.resolve()
-    for suffix in ("-wal", "-shm"):
-        journal = real.with_name(real.name + suffix)
-        if journal.exists():
-            raise ArchiveError(
-                f"{out} is a database in use or not closed cleanly ({journal.name} is "
-                "beside it); replacing it would corrupt it. Choose another file"
-            )
+    journal = real.with_name(real.name + "-wal")
+    if journal.exists() and journal.stat().st_size > 0:
+        raise ArchiveError(
+            f"{out} is a database in use or not closed cleanly ({journal.name} is "
+            "beside it); replacing it would corrupt it. Choose another file"
+        )
     if WriterLock.held(real):
         raise ArchiveError(f"{out} is a database a bidlog process holds; choose another file")
 

@@ -402,6 +402,13 @@ async def test_backup_and_export_never_replace_a_database_in_use(
         await stream.send_eof()
     # Closed cleanly (no -wal left): an old backup may be replaced by a newer one.
     assert archive.backup(db, served)["events"] > 0
+    # Checked with a read-only open, which leaves an empty -wal and a -shm: still so.
+    reader = await SqliteStore.open(served, writer=False)
+    assert (await reader.verify())["events"] > 0
+    await reader.close()
+    assert (tmp_path / "served.sqlite3-wal").stat().st_size == 0
+    assert (tmp_path / "served.sqlite3-shm").exists()
+    assert archive.backup(db, served)["events"] > 0
     # A crash's leftover log beside it: refused, the file is left as it was.
     (tmp_path / "served.sqlite3-wal").write_bytes(b"x")
     before = served.read_bytes()

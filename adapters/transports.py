@@ -69,12 +69,17 @@ class TooLarge:
     limit: int
 
 
+JSON_SPACE = b" \t\r\n"
+"""JSON's whitespace (RFC 8259): a line of only these is blank. Not vertical tab or form
+feed, which Python's ``isspace`` counts: a line of those is not JSON, and is answered."""
+
+
 class LineFramer:
     """Splits chunks of bytes into lines; holds at most ``limit + 1`` bytes of a partial line.
 
-    Lines come without ``\\n`` and without a trailing ``\\r``; blank lines are skipped; a line
-    longer than ``limit`` becomes one ``TooLarge`` as soon as that is known, and the rest of it,
-    up to the next newline, is dropped unread.
+    Lines come without ``\\n`` and without a trailing ``\\r``; blank lines (``JSON_SPACE``
+    only) are skipped; a line longer than ``limit`` becomes one ``TooLarge`` as soon as that
+    is known, and the rest of it, up to the next newline, is dropped unread.
     """
 
     def __init__(self, limit: int = MAX_LINE) -> None:
@@ -108,7 +113,7 @@ class LineFramer:
             lines = chunk[start:last].split(b"\n")
             if last - start <= self._limit and b"\r" not in chunk:
                 # No line here can be too long or end in \r: only blank ones to skip.
-                out.extend(line for line in lines if line and not line.isspace())
+                out.extend(line for line in lines if line.strip(JSON_SPACE))
             else:
                 for line in lines:
                     self._emit(line, out)
@@ -151,7 +156,7 @@ class LineFramer:
             line = line[:-1]
         if len(line) > self._limit:
             out.append(TooLarge(self._limit))
-        elif line and not line.isspace():
+        elif line.strip(JSON_SPACE):
             out.append(line)
 
 

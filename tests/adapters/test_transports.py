@@ -77,6 +77,15 @@ def test_crlf_and_blank_lines() -> None:
     assert frame([data]) == [b"a", b"b", b"c", b"   x  "]
 
 
+def test_only_json_whitespace_makes_a_line_blank() -> None:
+    """Vertical tab and form feed are whitespace to Python, not to JSON: such a line is
+    a line (answered malformed_json), or a pipelining client would miss a reply."""
+    data = b"\x0b\n\x0c\n \t\n\x0b \r\n"
+    expected = [b"\x0b", b"\x0c", b"\x0b "]
+    assert frame([data]) == expected
+    assert frame([data[i : i + 1] for i in range(len(data))]) == expected
+
+
 def test_a_final_line_without_newline_still_counts() -> None:
     assert frame([b"a\nb"]) == [b"a", b"b"]
     assert frame([b"a\n", b"b\r"]) == [b"a", b"b"]

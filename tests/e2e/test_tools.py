@@ -97,17 +97,19 @@ def test_replay_names_failures_by_file_and_line_and_exits_1(tmp_path: Path) -> N
         + line(register("AB", id="u1"))
         + line(register("AB", id="u2"))
         + line(register("CD", area="Nowhere", id="u3"))
+        + b"\x0c\n"  # form feed: blank to Python, not to JSON
     )
     done = bidlog("replay", feed, "--db", db)
     assert done.returncode == 1
     result = summary(done)
-    assert (result["lines"], result["ok"], result["failed"]) == (6, 2, 4)
+    assert (result["lines"], result["ok"], result["failed"]) == (7, 2, 5)
     where = [(f["file"], f["line"], f["id"], f["code"]) for f in result["failures"]]
     assert where == [
         (str(feed), 4, None, "malformed_json"),
         (str(feed), 5, "a2", "area_exists"),
         (str(feed), 7, "u2", "duplicate_initials"),
         (str(feed), 8, "u3", "unknown_area"),
+        (str(feed), 9, None, "malformed_json"),
     ]
     assert f"{feed}:7: id u2: duplicate_initials:".encode() in done.stderr
 

@@ -164,6 +164,8 @@ def refuse_hard_links(db_path: Path) -> None:
     SQLite finds a database's ``-wal`` by file name: through two names, writers fork the
     log, and a reader through one name misses what was committed through the other.
     """
+    if db_path.is_dir():
+        raise StoreError(f"{db_path} is a directory, not a database file")
     links = _hard_links(db_path)
     if links > 1:
         raise StoreError(

@@ -63,7 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser(
         "serve", parents=[common], help="apply NDJSON messages from stdin or a Unix socket"
     )
-    serve.add_argument("--socket", metavar="PATH", help="serve a Unix stream socket (mode 0600)")
+    serve.add_argument(
+        "--socket",
+        type=tools.path_argument,
+        metavar="PATH",
+        help="serve a Unix stream socket (mode 0600)",
+    )
     serve.set_defaults(handler=run_serve)
     state = sub.add_parser("state", parents=[common], help="print a scope's state as JSON")
     _scope_options(state)
@@ -83,7 +88,7 @@ def _common_options() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
         "--db",
-        type=Path,
+        type=tools.db_argument,
         default=Path(os.environ.get("BIDLOG_DB") or "bidlog.sqlite3"),
         help="database file (default: $BIDLOG_DB, else ./bidlog.sqlite3)",
     )

@@ -46,7 +46,7 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     )
     export.add_argument(
         "--out",
-        type=Path,
+        type=file_argument,
         metavar="FILE",
         help="write FILE (atomically) instead of stdout ('-' is stdout)",
     )
@@ -80,8 +80,28 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
         "point, while a worker keeps serving), verify the copy, then rename it to FILE. "
         "Prints the copy's {events, snapshots, out} on stdout.",
     )
-    backup.add_argument("--out", type=Path, required=True, metavar="FILE", help="the copy")
+    backup.add_argument("--out", type=file_argument, required=True, metavar="FILE", help="the copy")
     backup.set_defaults(handler=run_backup)
+
+
+def path_argument(text: str) -> str:
+    """A path given on the command line: never empty (an empty one would mean stdin,
+    or the current directory, depending on the command)."""
+    if not text:
+        raise argparse.ArgumentTypeError("the path is empty")
+    return text
+
+
+def db_argument(text: str) -> Path:
+    return Path(path_argument(text))
+
+
+def file_argument(text: str) -> Path:
+    """A file to write (``--out``): not empty, and not a directory."""
+    path = Path(path_argument(text))
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a directory; give a file name")
+    return path
 
 
 def _add_replay(sub: Any, common: argparse.ArgumentParser) -> None:
@@ -97,7 +117,9 @@ def _add_replay(sub: Any, common: argparse.ArgumentParser) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     replay.add_argument("files", nargs="+", metavar="FILE", help="message file ('-': stdin)")
-    replay.add_argument("--socket", metavar="PATH", help="send to the worker serving PATH")
+    replay.add_argument(
+        "--socket", type=path_argument, metavar="PATH", help="send to the worker serving PATH"
+    )
     # The parent's --db default object: identity tells an explicit --db from the default.
     replay.set_defaults(handler=run_replay, default_db=common.get_default("db"))
 

@@ -148,6 +148,12 @@ def test_a_reader_that_closes_the_pipe_early_gets_no_traceback(
         ["timeline", "--bid-year", "2026", "--area", "N", "--after-event", "-1"],
         ["state", "--bid-year", "2026", "--area", "bad/area"],
         ["timeline", "--bid-year", "2026", "--area", ""],
+        ["serve", "--socket", ""],  # would have served stdin
+        ["replay", "--socket", "", "-"],
+        ["verify", "--db", ""],
+        ["export", "--out", ""],
+        ["export", "--out", "."],  # was a traceback
+        ["backup", "--out", "/"],
     ],
 )
 def test_bad_usage_exits_2(args: list[str]) -> None:
@@ -166,9 +172,10 @@ def test_every_command_has_help() -> None:
 
 def test_unopenable_database_exits_1(tmp_path: Path) -> None:
     (tmp_path / "dir.sqlite3").mkdir()
+    (tmp_path / "dir.sqlite3" / "a").touch()
     done = bidlog("serve", "--db", tmp_path / "dir.sqlite3", stdin=b"")
     assert done.returncode == 1
-    assert b"bidlog:" in done.stderr
+    assert b"dir.sqlite3 is a directory, not a database file" in done.stderr
     assert (
         bidlog(
             "state", "--bid-year", "2026", "--area", "N", "--db", tmp_path / "none.sqlite3"

@@ -171,7 +171,8 @@ async def run_serve(args: argparse.Namespace) -> int:
             await _until_done(worker, worker.serve(StdioStream()))
         if worker.dropped:  # everything read was committed, but not every reply written
             print(
-                "bidlog: stdout took no replies for too long; some were not written",
+                "bidlog: not every reply was written (stdout closed, or took none for too "
+                "long; see the log); every line read was committed",
                 file=sys.stderr,
             )
             return 1

@@ -382,9 +382,8 @@ async def _write_replies(
                 with anyio.CancelScope() as conn.sending:
                     try:
                         await stream.send(data)
-                    except _GONE as exc:
-                        log.info("peer went away; dropping its replies: %s", exc)
-                        conn.dropped = True
+                    except _GONE as exc:  # stdout closed, or a client gone: stop reading
+                        conn.drop(f"its replies cannot be written ({exc!r})")
                 conn.sending = None
             conn.written(len(data))
             conn.window.release(sum(count for _, count in chunk))

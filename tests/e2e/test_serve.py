@@ -215,6 +215,20 @@ def test_running_out_of_file_descriptors_only_delays_new_connections(
     )
 
 
+def test_serve_with_stdout_closed_exits_1(tmp_path: Path) -> None:
+    """Replies that cannot be written are a failure (exit 1), not a quiet success."""
+    db = tmp_path / "b.sqlite3"
+    done = subprocess.run(
+        ["bash", "-c", f'exec "{BIN}" serve --db "{db}" >&-'],
+        input=line(create_area()),
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 1
+    assert b"not every reply was written" in done.stderr and b"Traceback" not in done.stderr
+
+
 def test_socket_serves_concurrent_pipelining_clients(tmp_path: Path, sockdir: Path) -> None:
     db, sock = tmp_path / "b.sqlite3", sockdir / "s"
     proc = start_socket_worker(db, sock)
@@ -384,7 +398,7 @@ def test_sigterm_while_stdout_is_never_read_ends_with_exit_1(tmp_path: Path) -> 
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 1
         err = proc.stderr.read()
-    assert b"stdout took no replies for too long" in err and b"Traceback" not in err
+    assert b"not every reply was written" in err and b"Traceback" not in err
     conn = sqlite3.connect(db)
     try:
         committed = conn.execute("SELECT count(*) FROM events").fetchone()[0]

@@ -69,6 +69,7 @@ class TooLarge:
     limit: int
 
 
+BOM = b"\xef\xbb\xbf"
 JSON_SPACE = b" \t\r\n"
 """JSON's whitespace (RFC 8259): a line of only these is blank. Not vertical tab or form
 feed, which Python's ``isspace`` counts: a line of those is not JSON, and is answered."""
@@ -86,6 +87,7 @@ class LineFramer:
         self._limit = limit
         self._pending = bytearray()
         self._discarding = False
+        self._head: bytes | None = b""  # the stream's first bytes, until a BOM is ruled out
 
     @property
     def buffered(self) -> int:
@@ -94,6 +96,8 @@ class LineFramer:
 
     def feed(self, chunk: bytes) -> list[bytes | TooLarge]:
         """The lines that ``chunk`` completes, in order."""
+        if self._head is not None:
+            chunk = self._skip_bom(chunk)
         out: list[bytes | TooLarge] = []
         start = 0
         if self._discarding:
@@ -120,8 +124,20 @@ class LineFramer:
         self._hold(chunk, last + 1, out)
         return out
 
+    def _skip_bom(self, chunk: bytes) -> bytes:
+        """A UTF-8 byte order mark opening the stream is dropped (RFC 8259 lets a parser
+        ignore it; editors on Windows write one)."""
+        head = self._head = (self._head or b"") + chunk
+        if len(head) < len(BOM) and BOM.startswith(head):
+            return b""  # too short to tell yet
+        self._head = None
+        return head[len(BOM) :] if head.startswith(BOM) else head
+
     def finish(self) -> list[bytes | TooLarge]:
         """At end of input: the last line if it had no newline."""
+        if self._head:  # a stream shorter than a BOM
+            self._pending += self._head
+        self._head = None
         out: list[bytes | TooLarge] = []
         if self._pending:
             self._emit(bytes(self._pending), out)

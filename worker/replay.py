@@ -22,7 +22,7 @@ import anyio
 import anyio.abc
 import msgspec
 
-from adapters.transports import JSON_SPACE, StdioStream, TooLarge, frame_lines
+from adapters.transports import BOM, JSON_SPACE, StdioStream, TooLarge, frame_lines
 
 WINDOW = 1000
 SHOWN = 10
@@ -78,8 +78,12 @@ async def numbered_lines(source: Source) -> AsyncIterator[tuple[int, bytes]]:
         *lines, pending = (pending + chunk).split(b"\n")
         for line in lines:
             number += 1
+            if number == 1:
+                line = line.removeprefix(BOM)  # as the worker's framing does
             if line.strip(JSON_SPACE):
                 yield number, line
+    if number == 0:
+        pending = pending.removeprefix(BOM)
     if pending.strip(JSON_SPACE):
         yield number + 1, pending
 

@@ -86,6 +86,17 @@ def test_only_json_whitespace_makes_a_line_blank() -> None:
     assert frame([data[i : i + 1] for i in range(len(data))]) == expected
 
 
+def test_a_byte_order_mark_opening_the_stream_is_dropped() -> None:
+    bom = b"\xef\xbb\xbf"
+    data = bom + b"a\n" + bom + b"b\n"  # only the first one opens the stream
+    expected = [b"a", bom + b"b"]
+    assert frame([data]) == expected
+    assert frame([data[i : i + 1] for i in range(len(data))]) == expected
+    assert frame([bom[:2], bom[2:] + b"a"]) == [b"a"]  # no newline: at the end
+    assert frame([bom[:2]]) == [bom[:2]]  # not a BOM after all: kept, as a line
+    assert frame([b"\xef\xbbx\n"]) == [b"\xef\xbbx"]
+
+
 def test_a_final_line_without_newline_still_counts() -> None:
     assert frame([b"a\nb"]) == [b"a", b"b"]
     assert frame([b"a\n", b"b\r"]) == [b"a", b"b"]

@@ -127,6 +127,16 @@ def test_replay_reads_several_files_and_stdin_in_order(tmp_path: Path) -> None:
     assert result["failures"][0]["line"] == 2
 
 
+def test_replay_ignores_a_byte_order_mark_opening_each_file(tmp_path: Path) -> None:
+    """Editors on Windows open a file with a UTF-8 BOM; RFC 8259 lets a parser ignore it."""
+    files = [tmp_path / "one.ndjson", tmp_path / "two.ndjson"]
+    files[0].write_bytes(b"\xef\xbb\xbf" + line(create_area(id="a1")))
+    files[1].write_bytes(b"\xef\xbb\xbf" + line(register("AB", id="u1")).rstrip(b"\n"))
+    done = bidlog("replay", *files, "--db", tmp_path / "b.sqlite3")
+    assert done.returncode == 0, done.stderr
+    assert (summary(done)["ok"], summary(done)["failed"]) == (2, 0)
+
+
 def test_replay_into_a_running_worker_and_a_second_writer_is_refused(
     tmp_path: Path, sockdir: Path
 ) -> None:

@@ -17,6 +17,7 @@ worker thread.
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import sqlite3
 from collections.abc import AsyncIterator, Iterable, Iterator
@@ -292,13 +293,20 @@ def _copy(source: sqlite3.Connection, tmp: Path, out: Path, db: Path) -> dict[st
         copy.close()
 
 
-def refuse_overwrite(db: Path, out: Path) -> None:
+SQLITE_HEADER = b"SQLite format 3\x00"
+
+
+def refuse_overwrite(db: Path, out: Path, *, writing: str = "database") -> None:
     """Refuse an output path that is the database or one of SQLite's files beside it, or
     a database in use or not closed cleanly. Renaming a file over a database that has a
     ``-wal`` with frames beside it (a worker serving it, or a crash's leftover) would
     pair the new file with the old log: a corrupt database, and acknowledged events gone.
     An empty ``-wal`` and a ``-shm`` are what read-only opens (``verify``, ``state``)
-    leave beside a database closed cleanly: they hold nothing, and do not refuse it."""
+    leave beside a database closed cleanly: they hold nothing, and do not refuse it.
+
+    ``writing`` is what would replace it: a ``"database"`` (a backup) replaces only an
+    older database, an ``"export"`` never replaces one: a slip of the finger between
+    ``backup --out`` and ``export --out`` must not destroy either kind of archive."""
     if not out.parent.is_dir():
         raise ArchiveError(f"cannot write {out}: no directory {out.parent}")
     taken = {db.resolve().with_name(db.name + suffix) for suffix in ("", "-wal", "-shm")}
@@ -313,6 +321,20 @@ def refuse_overwrite(db: Path, out: Path) -> None:
         )
     if WriterLock.held(real):
         raise ArchiveError(f"{out} is a database a bidlog process holds; choose another file")
+    is_database = _header(real) == SQLITE_HEADER
+    if writing == "export" and is_database:
+        raise ArchiveError(f"{out} is a SQLite database; an export never replaces one")
+    if writing == "database" and not is_database and _header(real):
+        raise ArchiveError(f"{out} is not a SQLite database; a backup replaces only an older one")
+
+
+def _header(path: Path) -> bytes:
+    """The first bytes of ``path``; empty if it does not exist or is empty."""
+    try:
+        with path.open("rb") as file:
+            return file.read(len(SQLITE_HEADER))
+    except FileNotFoundError:
+        return b""
 
 
 def verify_connection(conn: sqlite3.Connection, what: str = "the new database") -> dict[str, int]:
@@ -338,12 +360,33 @@ def _read_only_uri(db: Path) -> str:
 def temporary_beside(path: Path) -> Iterator[Path]:
     """A fresh temporary path in ``path``'s directory (so a rename is atomic), removed on
     the way out with any journal SQLite left beside it."""
+    _remove_stale(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     _remove(tmp)
     try:
         yield tmp
     finally:
         _remove(tmp)
+
+
+def _remove_stale(path: Path) -> None:
+    """Remove what a killed process left: temporaries beside ``path`` whose process
+    (the number in their name) is gone."""
+    prefix = f".{path.name}."
+    for old in path.parent.glob(glob.escape(prefix) + "*.tmp"):
+        pid = old.name[len(prefix) : -len(".tmp")]
+        if pid.isdigit() and not _alive(int(pid)):
+            _remove(old)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's
+    return True
 
 
 def _remove(tmp: Path) -> None:

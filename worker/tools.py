@@ -227,7 +227,7 @@ async def run_export(args: argparse.Namespace) -> int:
         args.out = None  # stdout, as `replay` reads `-` as stdin
     if args.out is not None:
         try:
-            archive.refuse_overwrite(args.db, args.out)
+            archive.refuse_overwrite(args.db, args.out, writing="export")
         except archive.ArchiveError as exc:
             return _fail(f"export: {exc}")
     store = await open_store(settings_of(args), writer=False)

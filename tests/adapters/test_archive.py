@@ -8,7 +8,9 @@ every kind of event there is.
 from __future__ import annotations
 
 import datetime as dt
+import os
 import sqlite3
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -382,6 +384,40 @@ def test_backup_and_import_refuse_bad_paths(tmp_path: Path) -> None:
         archive.backup(db, tmp_path / "nowhere" / "copy.sqlite3")
     with pytest.raises(archive.ArchiveError, match="no directory"):
         archive.import_export([], tmp_path / "nowhere" / "new.sqlite3")
+
+
+async def test_backup_and_export_never_replace_the_other_kind_of_archive(
+    original: tuple[Path, list[Msg]], tmp_path: Path
+) -> None:
+    db, _ = original
+    exported = tmp_path / "log.ndjson"
+    exported.write_bytes(b'{"event_id":1}\n')
+    copy = tmp_path / "copy.sqlite3"
+    archive.backup(db, copy)
+    with pytest.raises(archive.ArchiveError, match="is not a SQLite database"):
+        archive.backup(db, exported)
+    with pytest.raises(archive.ArchiveError, match="an export never replaces one"):
+        archive.refuse_overwrite(db, copy, writing="export")
+    archive.refuse_overwrite(db, exported, writing="export")  # an older export: replaced
+    assert exported.read_bytes() == b'{"event_id":1}\n'
+    assert archive.backup(db, copy)["events"] > 0  # an older backup: replaced
+
+
+async def test_temporaries_of_a_killed_process_are_removed(
+    original: tuple[Path, list[Msg]], tmp_path: Path
+) -> None:
+    db, _ = original
+    with subprocess.Popen(["true"]) as child:  # a process that has ended: its pid
+        child.wait()
+    dead_pid = child.pid
+    out = tmp_path / "copy.sqlite3"
+    dead = tmp_path / f".copy.sqlite3.{dead_pid}.tmp"
+    live = tmp_path / f".copy.sqlite3.{os.getppid()}.tmp"  # the test runner's parent
+    for leftover in (dead, live, dead.with_name(dead.name + "-journal")):
+        leftover.write_bytes(b"half a copy")
+    archive.backup(db, out)
+    assert not dead.exists() and not dead.with_name(dead.name + "-journal").exists()
+    assert live.exists()
 
 
 async def test_backup_and_export_never_replace_a_database_in_use(

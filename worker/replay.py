@@ -96,6 +96,7 @@ class Tally:
     duplicate: int = 0
     failed: int = 0
     failures: list[dict[str, Any]] = field(default_factory=list)
+    unanswered: int = 0  # sent, but the connection ended before their replies came
 
     @property
     def lines(self) -> int:
@@ -119,13 +120,16 @@ class Tally:
             "duplicate": self.duplicate,
             "failed": self.failed,
             "failures": self.failures,
+            "unanswered": self.unanswered,
         }
 
     def describe(self, seconds: float) -> list[str]:
         rate = self.lines / seconds if seconds > 0 else 0.0
         head = (
             f"{self.lines} lines: {self.ok} ok, {self.duplicate} duplicate, "
-            f"{self.failed} failed ({seconds:.1f} s, {rate:,.0f} lines/s)"
+            f"{self.failed} failed"
+            + (f", {self.unanswered} unanswered" if self.unanswered else "")
+            + f" ({seconds:.1f} s, {rate:,.0f} lines/s)"
         )
         shown = [
             f"  {f['file']}:{f['line']}: id {f['id'] or '-'}: {f['code']}: {f['message']}"
@@ -193,6 +197,7 @@ class Replay:
             tg.cancel_scope.cancel()  # the sender is done unless the connection ended early
         if progress is not None:
             progress.write("\r\x1b[K")
+        self.tally.unanswered = len(self._waiting)
         if self.error is None and (self._waiting or not self._sent_all):
             self.error = (
                 f"the worker ended the connection with {len(self._waiting)} lines unanswered"

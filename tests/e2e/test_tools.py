@@ -79,7 +79,14 @@ def test_replay_into_a_database_then_again_gives_only_duplicates(tmp_path: Path)
     db = tmp_path / "b.sqlite3"
     first = bidlog("replay", EXAMPLE, "--db", db)
     assert first.returncode == 0
-    assert summary(first) == {"lines": 15, "ok": 15, "duplicate": 0, "failed": 0, "failures": []}
+    assert summary(first) == {
+        "lines": 15,
+        "ok": 15,
+        "duplicate": 0,
+        "failed": 0,
+        "failures": [],
+        "unanswered": 0,
+    }
     assert b"15 lines: 15 ok, 0 duplicate, 0 failed" in first.stderr
     again = summary(bidlog("replay", EXAMPLE, "--db", db))
     assert (again["ok"], again["duplicate"], again["failed"]) == (4, 11, 0)  # 4 queries

@@ -38,3 +38,46 @@ async def test_a_lost_connection_is_named_even_when_the_error_says_nothing(
     finally:
         source.close()
     assert replay.error == "lost the connection to the worker: BrokenResourceError"
+
+
+class _Dies(anyio.abc.ByteStream):
+    """A worker that answers the first two lines, then ends the connection."""
+
+    def __init__(self, expected: int) -> None:
+        self.expected = expected
+        self.sent: bytes | None = b""
+        self.all_sent = anyio.Event()
+
+    async def receive(self, max_bytes: int = 65536) -> bytes:
+        await self.all_sent.wait()
+        if self.sent is not None:
+            self.sent = None
+            return b'{"id":"m0","ok":true}\n{"id":"m1","ok":true}\n'
+        raise anyio.EndOfStream
+
+    async def send(self, item: bytes) -> None:
+        assert self.sent is not None
+        self.sent += item
+        if self.sent.count(b"\n") == self.expected:
+            self.all_sent.set()
+
+    async def send_eof(self) -> None:
+        return None
+
+    async def aclose(self) -> None:
+        return None
+
+
+async def test_lines_left_unanswered_by_a_worker_that_died_are_counted(tmp_path: Path) -> None:
+    feed = tmp_path / "feed.ndjson"
+    feed.write_bytes(b"".join(b'{"id":"m%d","type":"verify"}\n' % i for i in range(5)))
+    source = Source.open(str(feed))
+    try:
+        replay = Replay([source])
+        tally = await replay.run(_Dies(5))
+    finally:
+        source.close()
+    assert (tally.ok, tally.failed, tally.unanswered) == (2, 0, 3)
+    assert tally.summary()["unanswered"] == 3
+    assert "2 ok, 0 duplicate, 0 failed, 3 unanswered" in tally.describe(1.0)[0]
+    assert replay.error == "the worker ended the connection with 3 lines unanswered"

@@ -10,7 +10,7 @@ from adapters.canonical import chain_hash
 from adapters.sqlite_reads import events_after, head
 from adapters.sqlite_rows import Head, Row, decode_state, event_dict, row_event
 from domain.errors import IntegrityError
-from domain.events import Event, authorship_fault
+from domain.events import SCHEMA_VERSION, Event, authorship_fault
 from domain.evolve import evolve
 from domain.state import ScopeKey, ScopeState
 
@@ -87,6 +87,8 @@ class Verifier:
             event = row_event(row)
         except Exception as exc:
             _fail(row[0], f"event {row[0]} cannot be decoded: {exc}")
+        if row[14] != SCHEMA_VERSION:  # not hashed (not a section-6 field): checked here
+            _fail(row[0], f"event {row[0]} has schema_version {row[14]!r}, not {SCHEMA_VERSION}")
         fault = authorship_fault(event)
         if fault is not None:
             _fail(event.event_id, f"event {event.event_id}: {fault}")

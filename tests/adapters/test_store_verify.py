@@ -87,6 +87,7 @@ async def test_an_empty_log_checks_out(tmp_path: Path) -> None:
         # the idempotency record is the event row itself, so the chain covers it
         (["UPDATE events SET message_digest = 'forged' WHERE event_id = 4"], 4, "hash chain"),
         (["UPDATE events SET message_id = 'ghost' WHERE event_id = 4"], 4, "hash chain"),
+        (["UPDATE events SET schema_version = 99 WHERE event_id = 6"], 6, "schema_version 99"),
     ],
 )  # fmt: skip
 async def test_tampering_is_caught_at_the_first_bad_event(

@@ -9,6 +9,7 @@ store's back is an ``IntegrityError``, not a state served or restored by a rollb
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -24,6 +25,7 @@ from adapters.sqlite_rows import (
     decode_state,
     event_dict,
     row_event,
+    row_hash,
 )
 from domain.errors import IntegrityError
 from domain.evolve import evolve
@@ -108,7 +110,10 @@ def point(
 
 
 def _check_hash(row: Row) -> None:
-    try:
+    with contextlib.suppress(Exception):  # a column of a wrong type: the full check says
+        if row_hash(row) == row[16]:  # the quick way, from the stored texts
+            return
+    try:  # as verify does it: decoded, and encoded canonically again
         obj = event_dict(row)
         stored = obj.pop("hash")
         sound = chain_hash(obj["prev_hash"], obj) == stored

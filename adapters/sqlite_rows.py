@@ -132,6 +132,21 @@ def hashed_row(event: Event, prev_hash: str) -> Row:
     )
 
 
+def row_hash(row: Row) -> str:
+    """The chain hash of a stored row, from its stored texts: the JSON columns hold the
+    canonical bytes ``hashed_row`` hashed, so nothing is decoded. For a row bidlog
+    wrote this equals ``chain_hash`` of its section-6 object; a row changed behind the
+    store's back (even only re-spaced) may differ. Raises if a column has a wrong type."""
+    before = b"null" if row[11] is None else row[11].encode()
+    after = b"null" if row[12] is None else row[12].encode()
+    body = _HASHED % (
+        _json(row[5]), row[6].encode(), after, _json(row[3]), before, row[2],
+        row[7].encode(), row[10].encode(), row[0], _json(row[9]), _json(row[8]),
+        _json(row[15]), _json(row[4]), row[1], b"true" if row[13] else b"false",
+    )  # fmt: skip
+    return hashlib.sha256(row[15].encode("ascii") + body).hexdigest()
+
+
 def event_object(event: Event, prev_hash: str) -> dict[str, Any]:
     """The section-6 object that is hashed: the event's fields plus ``prev_hash``."""
     obj: dict[str, Any] = msgspec.to_builtins(event)

@@ -16,7 +16,7 @@ import msgspec
 import pytest
 
 from adapters.canonical import ZERO_HASH, chain_hash
-from adapters.sqlite_rows import Head, event_object, event_row, hashed_row
+from adapters.sqlite_rows import Head, event_object, event_row, hashed_row, row_hash
 from adapters.sqlite_store import FailAt, InvalidBatch, SqliteStore
 from domain.errors import PersistenceFailed
 from domain.events import SNAPSHOT_ACTIONS, SYSTEM_ACTOR
@@ -369,4 +369,5 @@ async def test_stored_rows_equal_the_rows_built_from_the_hashed_object(tmp_path:
         row = hashed_row(entry.event, prev)
         obj = event_object(entry.event, prev)
         assert row == event_row(obj, chain_hash(prev, obj))
+        assert row_hash(row) == row[16]  # the reads' quick check, from the stored texts
         prev = row[16]

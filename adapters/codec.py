@@ -203,67 +203,119 @@ def _too_deep(line: bytes) -> DecodeFailure:
     return DecodeFailure("invalid_message", message, _at("$"), _shallow_id(line))
 
 
-_TOKEN = re.compile(rb'"(?:[^"\\]|\\.)*"|[\[\]{}]')
-_SCALAR_END = re.compile(rb"[,}\]\s]")
-_SPACE = re.compile(rb"[ \t\r\n]*")
+# A scanner for JSON that does not recurse (the decoders do, and give up on deep lines),
+# to find such a line's top-level id. Possessive quantifiers: no backtracking, linear.
+_STRING = re.compile(rb'"(?:[^"\\\x00-\x1f]|\\(?:["\\/bfnrt]|u[0-9a-fA-F]{4}))*+"')
+_NUMBER = re.compile(rb"-?(?:0|[1-9][0-9]*+)(?:\.[0-9]++)?(?:[eE][+-]?[0-9]++)?")
+_OPENERS = re.compile(rb"\[(?:[ \t\r\n]*+\[)*+")  # a run of '[': pushed at once
+_CLOSERS = re.compile(rb"\](?:[ \t\r\n]*+\])*+")  # a run of ']': popped at once
+_SPACE = re.compile(rb"[ \t\r\n]*+")
+_LITERALS = (b"true", b"false", b"null")
+_VALUE, _VALUE_OR_END, _KEY, _KEY_OR_END, _COLON, _AFTER = range(6)
+_NOT_A_STRING = b"null"  # what a top-level id that is no string is taken as
 
 
 def _shallow_id(line: bytes) -> str | None:
-    """The usable top-level ``id`` of a JSON object too deep for the decoders (which
-    recurse), found by a scan that does not; None if there is none. Like the decoders,
-    the last of repeated ``id`` keys counts."""
-    at = _space(line, 0)
+    """The usable top-level ``id`` of a JSON object too deep for the decoders, found by
+    a scan that does not recurse; None if the line is not one JSON object (checked in
+    full: brackets paired, strings, numbers and literals well formed, UTF-8) or has no
+    usable id. Like the decoders, the last of repeated ``id`` keys counts."""
+    try:
+        line.decode()
+        found = _scan(line)
+        return None if found is None else _usable_id(msgspec.Raw(found))
+    except Exception:  # a failure path must not fail: no id is trusted
+        return None
+
+
+def _scan(line: bytes) -> bytes | None:
+    """The raw top-level ``id`` value of the JSON object ``line``; None if it has none
+    or is not one JSON object."""
+    stack = bytearray()  # the open brackets
+    found: bytes | None = None
+    is_id = False  # the value about to come is the top-level id's
+    at, end, state = _skip(line, 0), len(line), _VALUE
     if line[at : at + 1] != b"{":
         return None
-    found: bytes | None = None
-    at = _space(line, at + 1)
-    while line[at : at + 1] == b'"':
-        key = _TOKEN.match(line, at)
-        if key is None:
+    while True:
+        at = _skip(line, at)
+        if at >= end:
             return None
-        colon = _space(line, key.end())
-        if line[colon : colon + 1] != b":":
-            return None
-        start = _space(line, colon + 1)
-        end = _value_end(line, start)
-        if end < 0:
-            return None
-        if _string(msgspec.Raw(key.group())) == "id":
-            found = line[start:end]
-        at = _space(line, end)
-        if line[at : at + 1] != b",":
-            break
-        at = _space(line, at + 1)
-    if found is None or line[at : at + 1] != b"}" or _space(line, at + 1) != len(line):
-        return None  # not one JSON object after all: no id is trusted
-    return _usable_id(msgspec.Raw(found))
+        char = line[at : at + 1]
+        if state in (_VALUE, _VALUE_OR_END):
+            if char == b"]" and state == _VALUE_OR_END:
+                at, state = _close(line, at, stack)
+                continue
+            top = len(stack) == 1 and is_id  # the top-level id's value starts here
+            is_id = False
+            if char == b"[":
+                run = _OPENERS.match(line, at)
+                assert run is not None
+                stack += b"[" * run.group().count(b"[")
+                at, state = run.end(), _VALUE_OR_END
+            elif char == b"{":
+                stack += b"{"
+                at, state = at + 1, _KEY_OR_END
+            else:
+                token = _scalar(line, at)
+                if token is None:
+                    return None
+                if top:
+                    found = token
+                at, state = at + len(token), _AFTER
+                continue
+            if top:
+                found = _NOT_A_STRING
+        elif state in (_KEY, _KEY_OR_END):
+            if char == b"}" and state == _KEY_OR_END:
+                at, state = _close(line, at, stack)
+                if not stack:
+                    return found if _skip(line, at) == end else None
+                continue
+            key = _STRING.match(line, at)
+            if key is None:
+                return None
+            is_id = len(stack) == 1 and _str_decoder.decode(key.group()) == "id"
+            at, state = key.end(), _COLON
+        elif state == _COLON:
+            if char != b":":
+                return None
+            at, state = at + 1, _VALUE
+        elif char == b",":  # _AFTER a value
+            at, state = at + 1, (_VALUE if stack[-1:] == b"[" else _KEY)
+        else:
+            at, state = _close(line, at, stack)
+            if not stack:
+                return found if _skip(line, at) == end else None
 
 
-def _space(line: bytes, at: int) -> int:
+def _skip(line: bytes, at: int) -> int:
     match = _SPACE.match(line, at)
     return at if match is None else match.end()
 
 
-def _value_end(line: bytes, at: int) -> int:
-    """Where the JSON value starting at ``at`` ends (brackets counted, strings skipped);
-    -1 if it does not."""
-    head = line[at : at + 1]
-    if head == b'"':
-        match = _TOKEN.match(line, at)
-        return -1 if match is None else match.end()
-    if head not in (b"[", b"{"):
-        scalar = _SCALAR_END.search(line, at)
-        return len(line) if scalar is None else scalar.start()
-    depth = 0
-    for token in _TOKEN.finditer(line, at):
-        kind = token.group()
-        if kind in (b"[", b"{"):
-            depth += 1
-        elif kind in (b"]", b"}"):
-            depth -= 1
-            if depth == 0:
-                return token.end()
-    return -1
+def _scalar(line: bytes, at: int) -> bytes | None:
+    match = _STRING.match(line, at) or _NUMBER.match(line, at)
+    if match is not None:
+        return match.group()
+    return next((word for word in _LITERALS if line.startswith(word, at)), None)
+
+
+def _close(line: bytes, at: int, stack: bytearray) -> tuple[int, int]:
+    """Close the bracket(s) at ``at``; raise ``ValueError`` if they do not pair."""
+    if line[at : at + 1] == b"}":
+        if stack[-1:] != b"{":
+            raise ValueError("unpaired }")
+        del stack[-1]
+        return at + 1, _AFTER
+    run = _CLOSERS.match(line, at)
+    if run is None:
+        raise ValueError("not a value, ',' or closing bracket")
+    count = run.group().count(b"]")
+    if len(stack) < count or stack[-count:] != b"[" * count:
+        raise ValueError("unpaired ]")
+    del stack[-count:]
+    return run.end(), _AFTER
 
 
 def ack_reply(

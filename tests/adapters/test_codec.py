@@ -6,6 +6,8 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import subprocess
+import sys
 from typing import Any
 
 import msgspec
@@ -341,6 +343,47 @@ def test_a_too_deep_line_echoes_its_top_level_id(line: bytes, message_id: str | 
     deep = b"[" * 10_000 + b"]" * 10_000
     error = failure(line.replace(b"%s", deep))
     assert (error.code, error.message_id) == ("invalid_message", message_id)
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        b'{"x":%s,"id":"\\ud800"}',  # raised DecodeError out of the codec: worker died
+        b'{"x":%s,"id":"\xff"}',  # raised UnicodeDecodeError
+        b'{"x":%s,"id":"a\x01"}',  # a raw control character
+        b'{"\\ud800":1,"x":%s,"id":"m"}',
+        b'{"id":"m","x":[[[%s}}}}',  # brackets that do not pair
+        b'{"id":"m","x":[%s,tru]}',  # a literal that is not one
+        b'{"id":"m","x":[%s,01]}',  # nor a number
+        b'{"id":"m","x":[%s,"\\q"]}',  # nor a string escape
+        b'{"id":"m","x":%s}x',  # something after the object
+        b'\x0b{"id":"m","x":%s}',  # not JSON whitespace
+    ],
+)
+def test_a_too_deep_line_that_is_not_json_gets_no_id_and_never_an_exception(line: bytes) -> None:
+    deep = b"[" * 10_000 + b"]" * 10_000
+    error = failure(line.replace(b"%s", deep))
+    assert (error.code, error.message_id) in {("invalid_message", None), ("malformed_json", None)}
+
+
+def test_scanning_a_deep_line_takes_time_in_proportion_to_it() -> None:
+    """The scan for the id of a too-deep line is linear: an unclosed string full of
+    escaped quotes made the first version try a match from every quote (a 200 KiB line
+    took two minutes; a 1 MiB one, about an hour). Run where a hang can be cut off."""
+    program = (
+        "from adapters import codec\n"
+        "for tail in (b'\\\\\"' * 500_000, b'\\\\' * 1_000_000, b'\"x' * 500_000):\n"
+        '    line = b\'{"id":"a","x":\' + b\'[\' * 2000 + b\'"\' + tail\n'
+        "    try:\n"
+        "        codec.decode(line)\n"
+        "    except codec.DecodeFailure as failure:\n"
+        "        assert failure.message_id is None, failure.message_id\n"
+        "print('done')\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", program], capture_output=True, timeout=60, check=False
+    )
+    assert done.stdout == b"done\n", done.stderr
 
 
 # --- field rules: each names its path -----------------------------------------------------------

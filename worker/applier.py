@@ -314,6 +314,9 @@ def _decode(frame: bytes | TooLarge) -> codec.Decoded | codec.DecodeFailure:
         return codec.decode(frame)
     except codec.DecodeFailure as failure:
         return failure
+    except Exception:  # a bug in the codec must cost one line its answer, not the worker
+        log.exception("internal error while decoding a line")
+        return codec.DecodeFailure("internal", "internal error; see the worker's log", {}, None)
 
 
 def _repeat(message_id: str, previous: Ack, digest: str) -> bytes:

@@ -9,6 +9,7 @@ from typing import Any
 import anyio
 import pytest
 
+from adapters import codec
 from tests.wire import (
     BIDDER,
     Msg,
@@ -128,6 +129,27 @@ async def test_line_over_one_mebibyte_is_refused_and_the_stream_goes_on(db: Path
         big, after = await client.ask(huge, create_area())
     assert code(big) == "message_too_large"
     assert after["ok"] is True
+
+
+async def test_a_line_the_codec_fails_on_costs_that_line_only(
+    db: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bug in decoding (as the first deep-line scan had) answers that line `internal`;
+    the applier, and every other line, go on."""
+    decode = codec.decode
+
+    def failing(line: bytes) -> codec.Decoded:
+        if b"boom" in line:
+            raise RuntimeError("a codec bug")
+        return decode(line)
+
+    monkeypatch.setattr(codec, "decode", failing)
+    async with client_on(db) as client:
+        before, broken, after = await client.ask(
+            create_area(id="a1"), b'{"id":"boom"}\n', get_state(id="q1")
+        )
+    assert before["ok"] and after["ok"]
+    assert (broken["id"], code(broken)) == (None, "internal")
 
 
 async def test_blank_lines_get_no_reply(db: Path) -> None:

@@ -137,6 +137,8 @@ def row_hash(row: Row) -> str:
     canonical bytes ``hashed_row`` hashed, so nothing is decoded. For a row bidlog
     wrote this equals ``chain_hash`` of its section-6 object; a row changed behind the
     store's back (even only re-spaced) may differ. Raises if a column has a wrong type."""
+    if not (type(row[0]) is type(row[1]) is type(row[2]) is int):  # %d would truncate 3.5
+        raise TypeError("an integer column holds something else")
     before = b"null" if row[11] is None else row[11].encode()
     after = b"null" if row[12] is None else row[12].encode()
     body = _HASHED % (

@@ -184,6 +184,13 @@ async def test_an_event_after_the_newest_snapshot_is_checked_against_its_hash(
             with pytest.raises(IntegrityError, match=f"event {changed} does not match its hash"):
                 await read
         assert await reader.state_at(NORTH, at_event=changed - 1) == before
+        # A REAL in an INTEGER column, which the quick check's %d would truncate.
+        restore = "UPDATE events SET after = replace(after, 'ZY', 'ZZ') WHERE event_id = "
+        tamper(db, f"{restore}{changed}")
+        assert await reader.state_at(NORTH) is not None  # as it was: reads again
+        tamper(db, f"UPDATE events SET seq = seq + 0.5 WHERE event_id = {changed}")
+        with pytest.raises(IntegrityError, match=f"event {changed} does not match its hash"):
+            await reader.state_at(NORTH)
     finally:
         await reader.close()
         await writer.close()

@@ -329,12 +329,12 @@ def refuse_overwrite(db: Path, out: Path, *, writing: str = "database") -> None:
 
 
 def _header(path: Path) -> bytes:
-    """The first bytes of ``path``; empty if it does not exist or is empty."""
-    try:
-        with path.open("rb") as file:
-            return file.read(len(SQLITE_HEADER))
-    except FileNotFoundError:
+    """The first bytes of ``path``; empty if it is no regular file (none, a pipe: never
+    opened, which could wait for a writer) or an empty one."""
+    if not path.is_file():
         return b""
+    with path.open("rb") as file:
+        return file.read(len(SQLITE_HEADER))
 
 
 def verify_connection(conn: sqlite3.Connection, what: str = "the new database") -> dict[str, int]:
@@ -375,7 +375,7 @@ def _remove_stale(path: Path) -> None:
     prefix = f".{path.name}."
     for old in path.parent.glob(glob.escape(prefix) + "*.tmp"):
         pid = old.name[len(prefix) : -len(".tmp")]
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and old.is_file() and not _alive(int(pid)):
             _remove(old)
 
 

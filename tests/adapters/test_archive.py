@@ -411,9 +411,20 @@ def test_temporaries_of_a_killed_process_are_removed(tmp_path: Path) -> None:
     live = tmp_path / f".copy.sqlite3.{os.getppid()}.tmp"  # the test runner's parent
     for leftover in (dead, live, dead.with_name(dead.name + "-journal")):
         leftover.write_bytes(b"half a copy")
+    odd = tmp_path / f".copy.sqlite3.{dead_pid + 1}.tmp"
+    odd.mkdir()  # not ours to remove: a directory
     archive.backup(db, out)
     assert not dead.exists() and not dead.with_name(dead.name + "-journal").exists()
-    assert live.exists()
+    assert live.exists() and odd.is_dir()
+
+
+def test_export_over_a_named_pipe_does_not_wait_for_a_writer(tmp_path: Path) -> None:
+    db = tmp_path / "db.sqlite3"
+    archive.import_export([], db)
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    archive.refuse_overwrite(db, fifo, writing="export")  # returns: nothing to read
+    archive.refuse_overwrite(db, fifo, writing="database")
 
 
 async def test_backup_and_export_never_replace_a_database_in_use(

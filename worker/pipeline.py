@@ -326,12 +326,29 @@ class Worker:
     ) -> None:
         if not frames:
             return
-        await window.acquire(len(frames))
-        # Shielded: a chunk is either handed over whole or never taken, and the applier
-        # keeps draining, so this cannot hang a shutdown.
-        with anyio.CancelScope(shield=True):
-            await self._chunks.acquire(1)
-        feed.chunks.append(Request(frames, outbox))
+        try:
+            await window.acquire(len(frames))
+        except anyio.get_cancelled_exc_class():
+            # Stopping (or dropped) while the window was full: lines already read are
+            # still handed over, to be committed and answered (or their replies
+            # discarded, if dropped), never lost in between.
+            window.used += len(frames)
+            await self._hand_over(frames, outbox, feed)
+            raise
+        await self._hand_over(frames, outbox, feed)
+
+    async def _hand_over(self, frames: list[bytes | TooLarge], outbox: Outbox, feed: _Feed) -> None:
+        waiting = feed.chunks
+        if waiting and len(waiting[-1].frames) + len(frames) <= self.max_batch:
+            # Joined to the chunk already waiting: a connection whose lines wait (parked,
+            # say, its reader slow) takes few of the inbox's slots, whatever its writes.
+            waiting[-1].frames.extend(frames)
+        else:
+            # Shielded: a chunk is either handed over whole or never taken, and the
+            # applier keeps draining, so this cannot hang a shutdown.
+            with anyio.CancelScope(shield=True):
+                await self._chunks.acquire(1)
+            waiting.append(Request(frames, outbox))
         self._enqueue(feed)
 
     def stop_reading(self) -> None:

@@ -7,9 +7,11 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import pytest
 
 from adapters import codec
+from adapters.transports import TooLarge
 from tests.wire import (
     BIDDER,
     Msg,
@@ -23,6 +25,8 @@ from tests.wire import (
     register,
 )
 from tests.worker.harness import START, Client, client_on, worker_on
+from worker.applier import Outbox
+from worker.pipeline import Connection, Window, _Feed
 
 pytestmark = pytest.mark.anyio
 
@@ -522,6 +526,54 @@ async def test_a_slow_reader_of_large_replies_does_not_hold_up_the_others(db: Pa
             await slow.aclose()
             await other.stream.aclose()
         assert taken == 500 and worker.dropped == 0
+
+
+async def test_a_silent_client_writing_a_line_at_a_time_does_not_fill_the_inbox(
+    db: Path,
+) -> None:
+    """Each write of a client is a chunk; one that writes its queries a line at a time and
+    reads nothing would have filled the inbox's 256 chunk slots while parked, and every
+    other reader would have waited for it to be dropped. Its lines now join the chunk
+    already waiting: another client is answered while it is still connected."""
+    async with worker_on(db, max_unwritten=4096, patience=30) as worker:
+        other = Client(await worker.connect())
+        await setup_north(other)
+        silent = await worker.connect()
+        with anyio.fail_after(20):
+            for i in range(600):
+                await silent.send(line(get_state(id=f"q{i}")))
+                await anyio.lowlevel.checkpoint()  # one read, one chunk
+            assert (await other.ask_one(register("EF")))["ok"]
+        assert worker.dropped == 0
+        await silent.aclose()
+        await other.stream.aclose()
+
+
+async def test_lines_read_while_the_window_is_full_are_handed_over_when_stopping(
+    db: Path,
+) -> None:
+    """A reader that has read a chunk and waits for its connection's window when the
+    worker stops (or drops the connection) still hands the chunk over: lines read are
+    committed and answered, never lost between the socket and the applier."""
+    async with worker_on(db) as worker:
+        window = Window(1)
+        window.used = 1  # full: the next chunk waits
+        feed = _Feed(Connection(window, lambda _: None, limit=1 << 20, patience=1))
+        outbox = Outbox(lambda _: None)
+        frames: list[bytes | TooLarge] = [line(create_area())]
+        with anyio.CancelScope() as scope:
+            worker.task_group.start_soon(_cancel_soon, scope)
+            await worker._push(frames, outbox, window, feed)
+        assert scope.cancelled_caught
+        assert window.used == 2  # counted, to be released when its reply is written
+        with anyio.fail_after(10):
+            while worker.applier.ledger.state((2026, "North")) is None:  # noqa: ASYNC110
+                await anyio.sleep(0.01)  # the applier commits it
+
+
+async def _cancel_soon(scope: anyio.CancelScope) -> None:
+    await anyio.sleep(0.05)
+    scope.cancel()
 
 
 async def test_stopping_gives_a_client_that_takes_no_replies_only_patience(db: Path) -> None:

@@ -105,14 +105,15 @@ class Applier:
 
     async def process(
         self, requests: Sequence[Request], *, turn: float = math.inf
-    ) -> list[Request]:
+    ) -> tuple[list[Request], Outbox | None]:
         """Handle the lines of ``requests`` in order; each gets exactly one reply.
 
         Reads (queries, rollbacks) can take long: once ``turn`` seconds have passed, the
         batch stops after the read that used them up; and it stops before a read for a
-        connection whose outbox is ``full``. The requests (or the rest of one) not
-        handled are returned, for the caller to hand back later. Everything handled is
-        committed and answered before this returns.
+        connection whose outbox is ``full``. Returned: the requests (or the rest of one)
+        not handled, for the caller to hand back later, and the outbox of the connection
+        that ended the batch (None if none did). Everything handled is committed and
+        answered before this returns.
         """
         run = _Run(self.ledger.draft(), self.clock.now())
         started = time.monotonic()
@@ -123,16 +124,16 @@ class Applier:
                 if isinstance(item, codec.Decoded) and isinstance(item.message, _READS_LOG):
                     if outbox.full():  # this line and the rest wait for the reader
                         await self._flush(run)
-                        return [Request(frames[i:], outbox), *requests[at + 1 :]]
+                        return [Request(frames[i:], outbox), *requests[at + 1 :]], outbox
                     await self._handle_read(run, outbox, item)
                     if time.monotonic() - started >= turn:
                         await self._flush(run)
                         rest = [Request(frames[i + 1 :], outbox)] if i + 1 < len(frames) else []
-                        return rest + list(requests[at + 1 :])
+                        return rest + list(requests[at + 1 :]), outbox
                 else:
                     self._take(run, _Line(outbox, item))
         await self._flush(run)
-        return []
+        return [], None
 
     async def _handle_read(self, run: _Run, outbox: Outbox, item: codec.Decoded) -> None:
         """A query or a rollback: both read the log, so what is waiting commits first."""

@@ -212,15 +212,19 @@ class Worker:
                 await self._work.wait()
             requests, feeds = self._gather()
             with anyio.CancelScope(shield=True):
-                rest = await self.applier.process(requests, turn=self.turn)
+                rest, ended_by = await self.applier.process(requests, turn=self.turn)
             for request in reversed(rest):  # back to the front of their queues, in order
-                feed = feeds[id(request.outbox)]
-                feed.chunks.appendleft(request)
+                feeds[id(request.outbox)].chunks.appendleft(request)
                 self._chunks.used += 1
-                if feed.conn.full():
-                    self._park(feed)
-                else:
-                    self._enqueue(feed)
+            if ended_by is not None:
+                # Back in turn: the connections whose lines were not reached keep their
+                # place, at the front in the batch's order; the one whose read ended the
+                # batch goes to the back, or a client of heavy queries would keep it.
+                last = feeds[id(ended_by)]
+                waiting = dict.fromkeys(feeds[id(request.outbox)] for request in rest)
+                for feed in reversed([f for f in waiting if f is not last]):
+                    self._requeue(feed, front=True)
+                self._requeue(last, front=False)
             # Let the readers hand over what they have read (a batch of queries answered
             # from memory may never have waited for anything).
             await anyio.lowlevel.checkpoint()
@@ -247,6 +251,24 @@ class Worker:
             feed.queued = True
             self._ring.append(feed)
             self._work.set()
+
+    def _requeue(self, feed: _Feed, *, front: bool) -> None:
+        """Put ``feed`` back in turn (at the front or the back), or park it if its
+        connection is full; leave it out if it has nothing waiting."""
+        if feed.queued:
+            self._ring.remove(feed)
+            feed.queued = False
+        if not feed.chunks or feed.parked:
+            return
+        if feed.conn.full():
+            self._park(feed)
+            return
+        feed.queued = True
+        if front:
+            self._ring.appendleft(feed)
+        else:
+            self._ring.append(feed)
+        self._work.set()
 
     def _park(self, feed: _Feed) -> None:
         """Take ``feed`` out of turn until its reader has taken enough replies (or is

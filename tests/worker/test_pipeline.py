@@ -8,6 +8,7 @@ from typing import Any
 
 import anyio
 import anyio.lowlevel
+import msgspec
 import pytest
 
 from adapters import codec
@@ -438,6 +439,43 @@ async def test_a_client_pipelining_queries_does_not_hold_up_the_others(
     before = [a for a in answers if len(a["result"]["events"]) == 4]  # set-up only
     assert [a["id"] for a in answers] == [f"q{i}" for i in range(300)]
     assert 1 <= len(before) < 100
+
+
+async def test_the_connection_whose_read_ended_a_batch_goes_to_the_back(db: Path) -> None:
+    """With a turn of 0 every read ends its batch. A has ten queries waiting and B one
+    command, gathered into one batch [A, B, A] (max_batch 3): B must come right after
+    A's first query (the first version put A back in front, so B came after q1)."""
+    answered: list[str] = []
+
+    def connection(name: str) -> tuple[_Feed, Outbox]:
+        def send(item: tuple[bytes, int]) -> None:
+            data, count = item
+            answered.extend(f"{name}:{msgspec.json.decode(x)['id']}" for x in data.splitlines())
+            conn.window.release(count)
+
+        conn = Connection(Window(10_000), send, limit=1 << 30, patience=10)
+        return _Feed(conn), Outbox(conn.deliver, conn.full)
+
+    def frames(*messages: Msg) -> list[bytes | TooLarge]:
+        return [line(m).rstrip(b"\n") for m in messages]
+
+    async with worker_on(db, turn=0, max_batch=3) as worker:
+        (a, to_a), (b, to_b) = connection("A"), connection("B")
+        await worker._push(frames(create_area(), register("AB")), to_b, b.conn.window, b)
+        with anyio.fail_after(10):
+            while len(answered) < 2:  # noqa: ASYNC110
+                await anyio.sleep(0.01)
+        answered.clear()
+        await worker._push(frames(get_state(id="q0")), to_a, a.conn.window, a)
+        await worker._push(frames(register("EF", id="cmd")), to_b, b.conn.window, b)
+        for i in range(1, 10, 3):  # chunks of three: too many to join the waiting one
+            queries = [get_state(id=f"q{j}") for j in range(i, i + 3)]
+            await worker._push(frames(*queries), to_a, a.conn.window, a)
+        with anyio.fail_after(10):
+            while len(answered) < 11:  # noqa: ASYNC110
+                await anyio.sleep(0.01)
+    assert answered[:2] == ["A:q0", "B:cmd"]
+    assert answered[2:] == [f"A:q{i}" for i in range(1, 10)]
 
 
 async def test_a_batch_cut_short_after_a_read_hands_back_the_rest_in_order(db: Path) -> None:

@@ -14,6 +14,7 @@ import math
 import os
 import re
 import signal
+import sqlite3
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
@@ -257,6 +258,8 @@ async def run_state(args: argparse.Namespace) -> int:
     except DomainError as exc:
         print(f"bidlog: {exc.code}: {exc.message}", file=sys.stderr)
         return 1
+    except sqlite3.Error as exc:  # a damaged file, or the disk failing under it
+        return _unreadable(args.db, exc)
     finally:
         await store.close()
     if state is None:
@@ -287,6 +290,13 @@ async def run_timeline(args: argparse.Namespace) -> int:
     except DomainError as exc:
         print(f"bidlog: {exc.code}: {exc.message}", file=sys.stderr)
         return 1
+    except sqlite3.Error as exc:
+        return _unreadable(args.db, exc)
     finally:
         await store.close()
     return 0
+
+
+def _unreadable(db: Path, exc: sqlite3.Error) -> int:
+    print(f"bidlog: cannot read {db}: {exc}; run `bidlog verify`", file=sys.stderr)
+    return 1

@@ -380,6 +380,15 @@ def test_state_refuses_an_event_changed_after_the_newest_snapshot(example_db: Pa
     assert summary(bidlog(*south, "--at-event", "4"))["users"] == []
 
 
+def test_state_and_timeline_of_a_damaged_file_fail_in_one_line(example_db: Path) -> None:
+    with example_db.open("r+b") as file:  # pages 3-5 overwritten: it opens, reads fail
+        file.seek(2 * 4096)
+        file.write(b"\xff" * 4096 * 3)
+    scope: list[str | Path] = ["--bid-year", "2026", "--area", "North", "--db", example_db]
+    for command in ("state", "timeline"):
+        fails_cleanly(bidlog(command, *scope), f"cannot read {example_db}: ")
+
+
 def test_export_of_a_snapshot_that_is_not_json_fails_cleanly(
     example_db: Path, tmp_path: Path
 ) -> None:

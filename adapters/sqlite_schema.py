@@ -201,6 +201,20 @@ def prepare_writer(conn: sqlite3.Connection, path: Path, synchronous: Synchronou
         _create_schema(conn)
     else:
         check_version(version, path)
+        _require_writable(conn, path, version)
+
+
+def _require_writable(conn: sqlite3.Connection, path: Path, version: int) -> None:
+    """SQLite opens a file it may not write read-only, without a word: a worker would
+    start, then answer every command persistence_failed. Try a write, and undo it."""
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.execute(f"PRAGMA user_version = {version}")
+        finally:
+            conn.execute("ROLLBACK")
+    except sqlite3.Error as exc:
+        raise StoreError(f"cannot write {path}: {exc}") from exc
 
 
 def prepare_reader(conn: sqlite3.Connection, path: Path) -> None:

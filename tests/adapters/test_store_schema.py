@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from adapters import archive
-from adapters.sqlite_schema import DB_VERSION, lock_path_for
+from adapters.sqlite_schema import DB_VERSION, lock_path_for, prepare_writer
 from adapters.sqlite_store import DatabaseLocked, SchemaVersionError, SqliteStore, StoreError
 from domain.records import Batch
 from tests.adapters.store_support import NORTH, Driver, checkpoint, scenario
@@ -84,6 +84,20 @@ async def test_a_file_that_is_not_sqlite_is_refused(tmp_path: Path) -> None:
     db.write_bytes(b"this is not a database at all" * 100)
     with pytest.raises(StoreError, match="not a usable SQLite database"):
         await SqliteStore.open(db)
+
+
+async def test_a_database_the_writer_cannot_write_is_refused(tmp_path: Path) -> None:
+    """SQLite opens a file it may not write read-only without a word (a worker then
+    answered every command persistence_failed); the writer's set-up now tries a write.
+    A read-only connection stands in for a file the process may not write."""
+    db = tmp_path / "db.sqlite3"
+    await (await SqliteStore.open(db)).close()
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, isolation_level=None)
+    try:
+        with pytest.raises(StoreError, match=r"cannot write .*readonly"):
+            prepare_writer(conn, db, "full")
+    finally:
+        conn.close()
 
 
 async def test_a_reader_needs_an_existing_database(tmp_path: Path) -> None:

@@ -350,7 +350,7 @@ class UnixListener(anyio.abc.SocketListener):
         await self._inner.aclose()
 
 
-async def bind_unix(path: str, *, backlog: int = 128) -> UnixListener:
+async def bind_unix(path: str, *, backlog: int = 4096) -> UnixListener:
     """Listen on a Unix stream socket at ``path``, created mode 0600.
 
     A socket file nobody answers on (left by a crash) is replaced. Raises ``SocketInUse`` if a

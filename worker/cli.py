@@ -240,7 +240,7 @@ async def _accept_forever(listener: UnixListener, worker: Worker) -> None:
 
 
 async def _stop_on_signal(worker: Worker) -> None:
-    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
         async for signum in signals:
             log.info("stopping on %s", signal.Signals(signum).name)
             worker.stop_reading()

@@ -336,7 +336,12 @@ def test_tampered_tail_fails_the_startup_integrity_check(tmp_path: Path) -> None
     assert done.stdout == b""
 
 
-def test_sigterm_on_stdin_answers_what_was_read_then_exits_0(tmp_path: Path) -> None:
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_sigterm_on_stdin_answers_what_was_read_then_exits_0(
+    tmp_path: Path, signum: signal.Signals
+) -> None:
+    """SIGHUP (the terminal or the session went away) stops as SIGTERM does; it used to
+    kill the worker at once: no last log line with the head, the socket file left."""
     db = tmp_path / "b.sqlite3"
     proc = subprocess.Popen(
         [str(BIN), "serve", "--db", str(db)],
@@ -348,7 +353,7 @@ def test_sigterm_on_stdin_answers_what_was_read_then_exits_0(tmp_path: Path) -> 
     proc.stdin.write(line(create_area()) + line(register("AB")))
     proc.stdin.flush()
     first = [proc.stdout.readline(), proc.stdout.readline()]
-    proc.send_signal(signal.SIGTERM)  # stdin stays open and idle
+    proc.send_signal(signum)  # stdin stays open and idle
     assert proc.wait(20) == 0
     proc.stdin.close()
     proc.stdout.close()

@@ -293,7 +293,8 @@ async def run_verify(args: argparse.Namespace) -> int:
     except IntegrityError as exc:
         _print_json({"code": exc.code, "message": exc.message, "details": exc.details})
         first = exc.details.get("event_id")
-        return _fail(f"{exc.code}: {exc.message} (first bad event: {first})")
+        where = f" (first bad event: {first})" if first else ""  # 0: the file, no event
+        return _fail(f"{exc.code}: {exc.message}{where}")
     except (sqlite3.Error, StoreError) as exc:
         return _fail(f"verify: cannot read {args.db}: {exc}")
     finally:

@@ -149,6 +149,24 @@ async def test_a_rehashed_event_nobody_could_have_sent_is_caught(
     assert caught.value.details == {"event_id": 2}
 
 
+async def test_a_damaged_index_is_caught_though_every_event_checks_out(tmp_path: Path) -> None:
+    db = tmp_path / "db.sqlite3"
+    await build(db)
+    with sqlite3.connect(db) as conn:
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        (root,) = conn.execute(
+            "SELECT rootpage FROM sqlite_schema WHERE name = 'events_by_message'"
+        ).fetchone()
+        (size,) = conn.execute("PRAGMA page_size").fetchone()
+    conn.close()
+    with db.open("r+b") as file:  # the idempotency index's page, zeroed
+        file.seek((root - 1) * size)
+        file.write(bytes(size))
+    with pytest.raises(IntegrityError, match="the database file is damaged") as caught:
+        await verify(db, writer=False)
+    assert caught.value.details == {"event_id": 0}
+
+
 async def test_the_writer_notices_a_truncated_head(tmp_path: Path) -> None:
     """Only the writer knows what it committed; a reader cannot tell a cut-off tail."""
     db = tmp_path / "db.sqlite3"

@@ -52,6 +52,7 @@ class Request:
 
     frames: list[bytes | TooLarge]
     outbox: Outbox
+    size: int = 0  # bytes read for them (for the connection's bound on waiting input)
 
 
 Item = codec.Decoded | codec.DecodeFailure

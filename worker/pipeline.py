@@ -158,11 +158,13 @@ class Connection:
 class _Feed:
     """One connection's chunks waiting for the applier, oldest first."""
 
-    __slots__ = ("chunks", "conn", "parked", "queued")
+    __slots__ = ("chunks", "conn", "parked", "queued", "size", "taken")
 
     def __init__(self, conn: Connection) -> None:
         self.conn = conn
         self.chunks: deque[Request] = deque()
+        self.size = 0  # bytes read for the chunks waiting
+        self.taken = anyio.Event()  # set when the applier takes some
         self.queued = False  # in the worker's ring of connections with chunks waiting
         self.parked = False  # waiting, out of the ring, for its reader to take replies
 
@@ -180,6 +182,7 @@ class Worker:
         max_unwritten: int = 16 << 20,
         patience: float = 10.0,
         turn: float = 0.02,
+        max_waiting: int = 16 << 20,
     ) -> None:
         self.applier = applier
         self.max_batch = max_batch
@@ -187,6 +190,7 @@ class Worker:
         self.max_unwritten = max_unwritten
         self.patience = patience
         self.turn = turn
+        self.max_waiting = max_waiting  # bytes of read lines waiting, per connection
         self.dropped = 0  # connections closed with replies unwritten
         self._ring: deque[_Feed] = deque()  # connections with chunks waiting, in turn
         self._chunks = Window(inbox_size)  # chunks waiting, all connections together
@@ -239,6 +243,8 @@ class Worker:
             requests.append(request)
             feeds[id(request.outbox)] = feed
             lines += len(request.frames)
+            feed.size -= request.size
+            feed.taken.set()
             if feed.chunks:
                 ring.append(feed)
             else:
@@ -337,40 +343,61 @@ class Worker:
         framer = LineFramer()
         while True:
             try:
-                frames = framer.feed(await stream.receive())
+                data = await stream.receive()
             except anyio.EndOfStream:
-                await self._push(framer.finish(), outbox, window, feed)
+                await self._push(framer.finish(), outbox, window, feed, framer.buffered)
                 return
-            await self._push(frames, outbox, window, feed)
+            await self._push(framer.feed(data), outbox, window, feed, len(data))
 
     async def _push(
-        self, frames: list[bytes | TooLarge], outbox: Outbox, window: Window, feed: _Feed
+        self,
+        frames: list[bytes | TooLarge],
+        outbox: Outbox,
+        window: Window,
+        feed: _Feed,
+        size: int,
     ) -> None:
         if not frames:
             return
+        acquired = False
         try:
             await window.acquire(len(frames))
+            acquired = True
+            await self._room_to_wait(feed, size)
         except anyio.get_cancelled_exc_class():
-            # Stopping (or dropped) while the window was full: lines already read are
+            # Stopping (or dropped) while waiting for room: lines already read are
             # still handed over, to be committed and answered (or their replies
             # discarded, if dropped), never lost in between.
-            window.used += len(frames)
-            await self._hand_over(frames, outbox, feed)
+            if not acquired:
+                window.used += len(frames)
+            await self._hand_over(frames, outbox, feed, size)
             raise
-        await self._hand_over(frames, outbox, feed)
+        await self._hand_over(frames, outbox, feed, size)
 
-    async def _hand_over(self, frames: list[bytes | TooLarge], outbox: Outbox, feed: _Feed) -> None:
+    async def _room_to_wait(self, feed: _Feed, size: int) -> None:
+        """Until the connection's lines waiting for the applier hold at most
+        ``max_waiting`` bytes: the window counts lines, and lines can be 1 MiB each."""
+        while feed.size and feed.size + size > self.max_waiting:
+            if feed.taken.is_set():
+                feed.taken = anyio.Event()
+            await feed.taken.wait()
+
+    async def _hand_over(
+        self, frames: list[bytes | TooLarge], outbox: Outbox, feed: _Feed, size: int
+    ) -> None:
         waiting = feed.chunks
+        feed.size += size
         if waiting and len(waiting[-1].frames) + len(frames) <= self.max_batch:
             # Joined to the chunk already waiting: a connection whose lines wait (parked,
             # say, its reader slow) takes few of the inbox's slots, whatever its writes.
             waiting[-1].frames.extend(frames)
+            waiting[-1].size += size
         else:
             # Shielded: a chunk is either handed over whole or never taken, and the
             # applier keeps draining, so this cannot hang a shutdown.
             with anyio.CancelScope(shield=True):
                 await self._chunks.acquire(1)
-            waiting.append(Request(frames, outbox))
+            waiting.append(Request(frames, outbox, size))
         self._enqueue(feed)
 
     def stop_reading(self) -> None:

@@ -461,16 +461,16 @@ async def test_the_connection_whose_read_ended_a_batch_goes_to_the_back(db: Path
 
     async with worker_on(db, turn=0, max_batch=3) as worker:
         (a, to_a), (b, to_b) = connection("A"), connection("B")
-        await worker._push(frames(create_area(), register("AB")), to_b, b.conn.window, b)
+        await worker._push(frames(create_area(), register("AB")), to_b, b.conn.window, b, 0)
         with anyio.fail_after(10):
             while len(answered) < 2:  # noqa: ASYNC110
                 await anyio.sleep(0.01)
         answered.clear()
-        await worker._push(frames(get_state(id="q0")), to_a, a.conn.window, a)
-        await worker._push(frames(register("EF", id="cmd")), to_b, b.conn.window, b)
+        await worker._push(frames(get_state(id="q0")), to_a, a.conn.window, a, 0)
+        await worker._push(frames(register("EF", id="cmd")), to_b, b.conn.window, b, 0)
         for i in range(1, 10, 3):  # chunks of three: too many to join the waiting one
             queries = [get_state(id=f"q{j}") for j in range(i, i + 3)]
-            await worker._push(frames(*queries), to_a, a.conn.window, a)
+            await worker._push(frames(*queries), to_a, a.conn.window, a, 0)
         with anyio.fail_after(10):
             while len(answered) < 11:  # noqa: ASYNC110
                 await anyio.sleep(0.01)
@@ -601,7 +601,7 @@ async def test_lines_read_while_the_window_is_full_are_handed_over_when_stopping
         frames: list[bytes | TooLarge] = [line(create_area())]
         with anyio.CancelScope() as scope:
             worker.task_group.start_soon(_cancel_soon, scope)
-            await worker._push(frames, outbox, window, feed)
+            await worker._push(frames, outbox, window, feed, 0)
         assert scope.cancelled_caught
         assert window.used == 2  # counted, to be released when its reply is written
         with anyio.fail_after(10):
@@ -612,6 +612,30 @@ async def test_lines_read_while_the_window_is_full_are_handed_over_when_stopping
 async def _cancel_soon(scope: anyio.CancelScope) -> None:
     await anyio.sleep(0.05)
     scope.cancel()
+
+
+async def test_a_connection_waiting_holds_a_bounded_number_of_bytes_read(db: Path) -> None:
+    """The window counts lines, and a line can be 1 MiB: a client that reads no replies
+    (so its queries wait) and sends large lines used to be read on, 2,048 lines of them
+    (the audit grew the worker to 829 MB with one). Now the worker stops reading from a
+    connection whose waiting lines hold ``max_waiting`` bytes: its sends back up."""
+    cause = {"id": "c", "description": "d" * 10_000}
+    big = line(get_state(cause=cause))  # a query of 10 KB
+    sent = 0
+    async with worker_on(db, max_unwritten=4096, max_waiting=256 << 10, patience=30) as worker:
+        other = Client(await worker.connect())
+        await setup_north(other)
+        stream = await worker.connect()
+        await stream.send(b"".join(line(get_state()) for _ in range(100)))  # fills it up
+        with anyio.move_on_after(5):
+            for _ in range(1000):  # 10 MB, one line a write
+                await stream.send(big)
+                sent += 1
+        await stream.aclose()
+        await other.stream.aclose()
+    # What was answered before its replies backed up, about 256 KiB waiting, and what
+    # the stream buffers (64 writes): a few hundred (270 here), not all 1,000.
+    assert 20 <= sent < 600
 
 
 async def test_stopping_gives_a_client_that_takes_no_replies_only_patience(db: Path) -> None:

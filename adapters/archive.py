@@ -313,12 +313,13 @@ def refuse_overwrite(db: Path, out: Path, *, writing: str = "database") -> None:
     if out.resolve() in taken:
         raise ArchiveError(f"{out} is the database itself (or its journal); choose another file")
     real = out.resolve()
-    journal = real.with_name(real.name + "-wal")
-    if journal.exists() and journal.stat().st_size > 0:
-        raise ArchiveError(
-            f"{out} is a database in use or not closed cleanly ({journal.name} is "
-            "beside it); replacing it would corrupt it. Choose another file"
-        )
+    for suffix in ("-wal", "-journal"):  # a log with something in it: it would be replayed
+        journal = real.with_name(real.name + suffix)
+        if journal.exists() and journal.stat().st_size > 0:
+            raise ArchiveError(
+                f"{out} is a database in use or not closed cleanly ({journal.name} is "
+                "beside it); replacing it would corrupt it. Choose another file"
+            )
     if WriterLock.held(real):
         raise ArchiveError(f"{out} is a database a bidlog process holds; choose another file")
     is_database = _header(real) == SQLITE_HEADER

@@ -459,6 +459,10 @@ async def test_backup_and_export_never_replace_a_database_in_use(
         archive.backup(db, served)
     assert served.read_bytes() == before
     (tmp_path / "served.sqlite3-wal").unlink()
+    (tmp_path / "served.sqlite3-journal").write_bytes(b"x")  # a rollback journal: the same
+    with pytest.raises(archive.ArchiveError, match=r"served\.sqlite3-journal is beside it"):
+        archive.backup(db, served)
+    (tmp_path / "served.sqlite3-journal").unlink()
     lock = WriterLock.acquire(served)
     try:
         with pytest.raises(archive.ArchiveError, match="a bidlog process holds"):

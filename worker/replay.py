@@ -96,7 +96,7 @@ class Tally:
     duplicate: int = 0
     failed: int = 0
     failures: list[dict[str, Any]] = field(default_factory=list)
-    unanswered: int = 0  # sent, but the connection ended before their replies came
+    unanswered: int = 0  # read (and maybe sent), but the connection ended before replies
 
     @property
     def lines(self) -> int:

@@ -20,6 +20,7 @@ import contextlib
 import glob
 import os
 import sqlite3
+import threading
 from collections.abc import AsyncIterator, Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -52,6 +53,7 @@ from domain.state import ScopeKey, ScopeState
 __all__ = [
     "ArchiveError",
     "BadLine",
+    "Interrupted",
     "backup",
     "export_lines",
     "import_export",
@@ -89,6 +91,15 @@ class ArchiveError(Exception):
     """An export, import or backup cannot be done; the message says why."""
 
 
+class Interrupted(ArchiveError):
+    """``stop`` was set (a signal): the work ended early and nothing was written."""
+
+
+def _check(stop: threading.Event | None) -> None:
+    if stop is not None and stop.is_set():
+        raise Interrupted("stopped before the end; nothing was written")
+
+
 class BadLine(ArchiveError):
     """A line of an export file is unreadable, or breaks the chain or the replay."""
 
@@ -109,7 +120,9 @@ async def export_lines(store: SqliteStore) -> AsyncIterator[bytes]:
 # -- import ----------------------------------------------------------------------------
 
 
-def import_export(lines: Iterable[bytes], target: Path) -> dict[str, int]:
+def import_export(
+    lines: Iterable[bytes], target: Path, stop: threading.Event | None = None
+) -> dict[str, int]:
     """Rebuild a new database at ``target`` from export ``lines``: ``{events, snapshots}``.
 
     Takes ``target``'s writer lock, refuses a target that exists and is not empty, and
@@ -122,8 +135,9 @@ def import_export(lines: Iterable[bytes], target: Path) -> dict[str, int]:
     try:
         _require_new(target)
         with temporary_beside(target) as tmp:
-            counts = _build(lines, tmp)
+            counts = _build(lines, tmp, stop)
             _require_new(target)
+            _check(stop)
             publish(tmp, target)
         return counts
     finally:
@@ -135,7 +149,7 @@ def _require_new(target: Path) -> None:
         raise ArchiveError(f"{target} already exists and is not empty; import builds a new one")
 
 
-def _build(lines: Iterable[bytes], tmp: Path) -> dict[str, int]:
+def _build(lines: Iterable[bytes], tmp: Path, stop: threading.Event | None) -> dict[str, int]:
     conn = sqlite3.connect(tmp, isolation_level=None)
     try:
         # The file is thrown away unless everything succeeds: no journal, no syncs until
@@ -146,6 +160,8 @@ def _build(lines: Iterable[bytes], tmp: Path) -> dict[str, int]:
         conn.execute("BEGIN")
         loader = _Loader(conn)
         for number, raw in enumerate(lines, 1):
+            if number % 1024 == 0:
+                _check(stop)
             if raw.strip():
                 loader.load(number, raw)
         conn.execute("COMMIT")
@@ -262,7 +278,7 @@ def _to_event(number: int, obj: dict[str, Any]) -> Event:
 # -- backup ----------------------------------------------------------------------------
 
 
-def backup(db: Path, out: Path) -> dict[str, int]:
+def backup(db: Path, out: Path, stop: threading.Event | None = None) -> dict[str, int]:
     """Copy the live database ``db`` to ``out`` with SQLite's online backup (one read
     transaction: a consistent point, while a writer keeps appending); verify the copy,
     then rename it into place. Returns the copy's ``{events, snapshots}``."""
@@ -274,20 +290,26 @@ def backup(db: Path, out: Path) -> dict[str, int]:
         source = sqlite3.connect(_read_only_uri(db), uri=True, isolation_level=None)
         try:
             prepare_reader(source, db)
-            counts = _copy(source, tmp, out, db)
+            counts = _copy(source, tmp, out, db, stop)
         finally:
             source.close()
+        _check(stop)
         publish(tmp, out)
     return counts
 
 
-def _copy(source: sqlite3.Connection, tmp: Path, out: Path, db: Path) -> dict[str, int]:
+def _copy(
+    source: sqlite3.Connection, tmp: Path, out: Path, db: Path, stop: threading.Event | None
+) -> dict[str, int]:
     try:
         copy = sqlite3.connect(tmp, isolation_level=None)
     except sqlite3.Error as exc:
         raise ArchiveError(f"cannot write {out}: {exc}") from exc
     try:
-        source.backup(copy)  # pages=-1: every page in one step, one read transaction
+        # Every page in one step, one read transaction: a consistent point. (In steps, a
+        # commit in between restarts the copy.) A signal is noticed after it.
+        source.backup(copy)
+        _check(stop)
         return verify_connection(copy, f"the copy of {db} (run bidlog verify on it)")
     finally:
         copy.close()

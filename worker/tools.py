@@ -12,8 +12,10 @@ import os
 import signal
 import sqlite3
 import sys
+import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
 import anyio
 import msgspec
@@ -23,6 +25,8 @@ from adapters.sqlite_schema import StoreError
 from domain.errors import DomainError, IntegrityError
 from worker.bootstrap import Settings, open_store, serving
 from worker.replay import Replay, ReplayError, Source, report
+
+T = TypeVar("T")
 
 _REPLAY_HELP = """\
 Output: progress on stderr while it is a terminal; at the end a summary of the replies,
@@ -265,8 +269,11 @@ async def _export(store: Any, out: IO[bytes]) -> int:
 
 
 async def run_import(args: argparse.Namespace) -> int:
+    stopping = _Stop()
     try:
-        counts = await anyio.to_thread.run_sync(_import, args.file, args.db)
+        counts = await stopping.run(lambda: _import(args.file, args.db, stopping.event))
+    except archive.Interrupted:
+        return stopping.report(f"import: stopped by {stopping.name}; nothing was imported")
     except archive.BadLine as exc:
         return _fail(f"import: {args.file}: {exc}; nothing was imported")
     except (archive.ArchiveError, StoreError, sqlite3.Error) as exc:
@@ -277,11 +284,55 @@ async def run_import(args: argparse.Namespace) -> int:
     return 0
 
 
-def _import(name: str, target: Path) -> dict[str, int]:
+def _import(name: str, target: Path, stop: threading.Event) -> dict[str, int]:
     if name == "-":
-        return archive.import_export(sys.stdin.buffer, target)
+        return archive.import_export(sys.stdin.buffer, target, stop)
     with open(name, "rb") as lines:
-        return archive.import_export(lines, target)
+        return archive.import_export(lines, target, stop)
+
+
+def _outcome(work: Callable[[], T]) -> tuple[T | None, Exception | None]:
+    try:
+        return work(), None
+    except Exception as exc:
+        return None, exc
+
+
+class _Stop:
+    """Long work in a thread, stopped at its next check by SIGINT or SIGTERM (the thread
+    cannot be cancelled: without this, Ctrl-C waited for the end, then exited 130 with
+    a complete file in place and not a word)."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.signum = 0
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name
+
+    async def run(self, work: Callable[[], T]) -> T:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._watch)
+            try:  # the work's own exception is carried out, not raised in the group
+                value, error = await anyio.to_thread.run_sync(_outcome, work)
+            finally:
+                tg.cancel_scope.cancel()
+        if error is not None:
+            raise error
+        assert value is not None
+        return value
+
+    async def _watch(self) -> None:
+        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async for signum in signals:
+                self.signum = signum
+                self.event.set()
+                return
+
+    def report(self, message: str) -> int:
+        print(f"bidlog: {message}", file=sys.stderr)
+        return 128 + self.signum
 
 
 # -- verify / backup -------------------------------------------------------------------
@@ -305,8 +356,11 @@ async def run_verify(args: argparse.Namespace) -> int:
 
 
 async def run_backup(args: argparse.Namespace) -> int:
+    stopping = _Stop()
     try:
-        counts = await anyio.to_thread.run_sync(archive.backup, args.db, args.out)
+        counts = await stopping.run(lambda: archive.backup(args.db, args.out, stopping.event))
+    except archive.Interrupted:
+        return stopping.report(f"backup: stopped by {stopping.name}; {args.out} is unchanged")
     except (archive.ArchiveError, StoreError, OSError, sqlite3.Error) as exc:
         return _fail(f"backup: {exc}")
     _print_json({**counts, "out": str(args.out)})

@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import os
 import sqlite3
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -400,6 +401,20 @@ async def test_backup_and_export_never_replace_the_other_kind_of_archive(
     archive.refuse_overwrite(db, exported, writing="export")  # an older export: replaced
     assert exported.read_bytes() == b'{"event_id":1}\n'
     assert archive.backup(db, copy)["events"] > 0  # an older backup: replaced
+
+
+def test_a_backup_or_import_told_to_stop_writes_nothing(tmp_path: Path) -> None:
+    db = tmp_path / "db.sqlite3"
+    archive.import_export([], db)
+    stop = threading.Event()
+    stop.set()  # as a signal does, while the copy runs
+    with pytest.raises(archive.Interrupted):
+        archive.backup(db, tmp_path / "copy.sqlite3", stop)
+    with pytest.raises(archive.Interrupted):
+        archive.import_export([], tmp_path / "new.sqlite3", stop)
+    assert not (tmp_path / "copy.sqlite3").exists()
+    assert not (tmp_path / "new.sqlite3").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
 
 
 def test_temporaries_of_a_killed_process_are_removed(tmp_path: Path) -> None:

@@ -289,6 +289,31 @@ def test_export_import_round_trip(example_db: Path, tmp_path: Path) -> None:
     assert bidlog("import", "-", "--db", from_stdin, stdin=exported.stdout).returncode == 0
 
 
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_import_stopped_by_a_signal_leaves_nothing_and_says_so(
+    tmp_path: Path, signum: signal.Signals
+) -> None:
+    """Ctrl-C used to wait for the import's end, then exit 130 with a complete database
+    in place and not a word (fourth audit)."""
+    db, export = tmp_path / "b.sqlite3", tmp_path / "log.ndjson"
+    bidlog("serve", "--db", db, stdin=many_commands(40_000))
+    assert bidlog("export", "--db", db, "--out", export).returncode == 0
+    target = tmp_path / "new" / "rebuilt.sqlite3"
+    target.parent.mkdir()
+    with subprocess.Popen(
+        [str(BIN), "import", str(export), "--db", str(target)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    ) as proc:
+        time.sleep(0.5)  # started, far from done (40,000 events take seconds)
+        proc.send_signal(signum)
+        out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signum, err
+    assert out == b""
+    assert f"import: stopped by {signum.name}; nothing was imported".encode() in err
+    assert sorted(p.name for p in target.parent.iterdir()) == ["rebuilt.sqlite3.lock"]
+
+
 @pytest.mark.parametrize(
     ("spoil", "says"),
     [

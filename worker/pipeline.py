@@ -218,7 +218,9 @@ class Worker:
             with anyio.CancelScope(shield=True):
                 rest, ended_by = await self.applier.process(requests, turn=self.turn)
             for request in reversed(rest):  # back to the front of their queues, in order
-                feeds[id(request.outbox)].chunks.appendleft(request)
+                feed = feeds[id(request.outbox)]
+                feed.chunks.appendleft(request)
+                feed.size += request.size  # as _gather took it off
                 self._chunks.used += 1
             if ended_by is not None:
                 # Back in turn: the connections whose lines were not reached keep their

@@ -466,16 +466,17 @@ async def test_the_connection_whose_read_ended_a_batch_goes_to_the_back(db: Path
             while len(answered) < 2:  # noqa: ASYNC110
                 await anyio.sleep(0.01)
         answered.clear()
-        await worker._push(frames(get_state(id="q0")), to_a, a.conn.window, a, 0)
-        await worker._push(frames(register("EF", id="cmd")), to_b, b.conn.window, b, 0)
+        await worker._push(frames(get_state(id="q0")), to_a, a.conn.window, a, 100)
+        await worker._push(frames(register("EF", id="cmd")), to_b, b.conn.window, b, 100)
         for i in range(1, 10, 3):  # chunks of three: too many to join the waiting one
             queries = [get_state(id=f"q{j}") for j in range(i, i + 3)]
-            await worker._push(frames(*queries), to_a, a.conn.window, a, 0)
+            await worker._push(frames(*queries), to_a, a.conn.window, a, 300)
         with anyio.fail_after(10):
             while len(answered) < 11:  # noqa: ASYNC110
                 await anyio.sleep(0.01)
     assert answered[:2] == ["A:q0", "B:cmd"]
     assert answered[2:] == [f"A:q{i}" for i in range(1, 10)]
+    assert (a.size, b.size) == (0, 0)  # bytes waiting: all taken, none counted twice
 
 
 async def test_a_batch_cut_short_after_a_read_hands_back_the_rest_in_order(db: Path) -> None:

@@ -38,6 +38,7 @@ from adapters.sqlite_rows import (
     state_text,
 )
 from adapters.sqlite_schema import (
+    DB_VERSION,
     WriterLock,
     prepare_reader,
     refuse_hard_links,
@@ -344,20 +345,26 @@ def refuse_overwrite(db: Path, out: Path, *, writing: str = "database") -> None:
             )
     if WriterLock.held(real):
         raise ArchiveError(f"{out} is a database a bidlog process holds; choose another file")
-    is_database = _header(real) == SQLITE_HEADER
+    header = _header(real)
+    is_database = header.startswith(SQLITE_HEADER)
     if writing == "export" and is_database:
         raise ArchiveError(f"{out} is a SQLite database; an export never replaces one")
-    if writing == "database" and not is_database and _header(real):
-        raise ArchiveError(f"{out} is not a SQLite database; a backup replaces only an older one")
+    # SQLite keeps user_version at bytes 60-63 of the header: a bidlog database's is
+    # DB_VERSION (a new, still empty one's is 0).
+    ours = is_database and int.from_bytes(header[60:64], "big") in (0, DB_VERSION)
+    if writing == "database" and header and not ours:
+        raise ArchiveError(
+            f"{out} is not a bidlog database; a backup replaces only an older backup"
+        )
 
 
 def _header(path: Path) -> bytes:
-    """The first bytes of ``path``; empty if it is no regular file (none, a pipe: never
-    opened, which could wait for a writer) or an empty one."""
+    """The first 100 bytes of ``path`` (SQLite's header); empty if it is no regular file
+    (none, a pipe: never opened, which could wait for a writer) or an empty one."""
     if not path.is_file():
         return b""
     with path.open("rb") as file:
-        return file.read(len(SQLITE_HEADER))
+        return file.read(100)
 
 
 def verify_connection(conn: sqlite3.Connection, what: str = "the new database") -> dict[str, int]:

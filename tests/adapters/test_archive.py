@@ -394,8 +394,15 @@ async def test_backup_and_export_never_replace_the_other_kind_of_archive(
     exported.write_bytes(b'{"event_id":1}\n')
     copy = tmp_path / "copy.sqlite3"
     archive.backup(db, copy)
-    with pytest.raises(archive.ArchiveError, match="is not a SQLite database"):
+    with pytest.raises(archive.ArchiveError, match="is not a bidlog database"):
         archive.backup(db, exported)
+    foreign = tmp_path / "foreign.sqlite3"
+    with sqlite3.connect(foreign) as conn:  # someone else's SQLite database
+        conn.execute("CREATE TABLE t (x)")
+        conn.execute("PRAGMA user_version = 42")
+    conn.close()
+    with pytest.raises(archive.ArchiveError, match="is not a bidlog database"):
+        archive.backup(db, foreign)
     with pytest.raises(archive.ArchiveError, match="an export never replaces one"):
         archive.refuse_overwrite(db, copy, writing="export")
     archive.refuse_overwrite(db, exported, writing="export")  # an older export: replaced

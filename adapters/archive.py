@@ -350,8 +350,8 @@ def refuse_overwrite(db: Path, out: Path, *, writing: str = "database") -> None:
     if writing == "export" and is_database:
         raise ArchiveError(f"{out} is a SQLite database; an export never replaces one")
     # SQLite keeps user_version at bytes 60-63 of the header: a bidlog database's is
-    # DB_VERSION (a new, still empty one's is 0).
-    ours = is_database and int.from_bytes(header[60:64], "big") in (0, DB_VERSION)
+    # DB_VERSION (most other SQLite files have 0).
+    ours = is_database and int.from_bytes(header[60:64], "big") == DB_VERSION
     if writing == "database" and header and not ours:
         raise ArchiveError(
             f"{out} is not a bidlog database; a backup replaces only an older backup"

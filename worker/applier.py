@@ -315,7 +315,9 @@ def _decode(frame: bytes | TooLarge) -> codec.Decoded | codec.DecodeFailure:
     try:
         return codec.decode(frame)
     except codec.DecodeFailure as failure:
-        return failure
+        # Kept until the batch commits: without its traceback, which holds the decoder's
+        # frames and so the line (up to 1 MiB) as long as the failure lives.
+        return failure.with_traceback(None)
     except Exception:  # a bug in the codec must cost one line its answer, not the worker
         log.exception("internal error while decoding a line")
         return codec.DecodeFailure("internal", "internal error; see the worker's log", {}, None)

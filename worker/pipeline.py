@@ -32,6 +32,7 @@ from worker.applier import Applier, Outbox, Request
 log = logging.getLogger("bidlog.pipeline")
 
 _GONE = (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError)
+BATCH_BYTES = 4 << 20  # of lines in one batch (and in one waiting chunk), about
 
 
 class Window:
@@ -238,13 +239,16 @@ class Worker:
     def _gather(self) -> tuple[list[Request], dict[int, _Feed]]:
         requests: list[Request] = []
         feeds: dict[int, _Feed] = {}
-        ring, lines = self._ring, 0
-        while ring and lines < self.max_batch:
+        ring, lines, size = self._ring, 0, 0
+        # At most max_batch lines, and about BATCH_BYTES: a batch holds its lines until
+        # it is committed, and lines can be 1 MiB each.
+        while ring and lines < self.max_batch and size < BATCH_BYTES:
             feed = ring.popleft()
             request = feed.chunks.popleft()
             requests.append(request)
             feeds[id(request.outbox)] = feed
             lines += len(request.frames)
+            size += request.size
             feed.size -= request.size
             feed.taken.set()
             if feed.chunks:
@@ -345,11 +349,12 @@ class Worker:
         framer = LineFramer()
         while True:
             try:
-                data = await stream.receive()
+                frames = framer.feed(await stream.receive())
             except anyio.EndOfStream:
-                await self._push(framer.finish(), outbox, window, feed, framer.buffered)
+                frames = framer.finish()
+                await self._push(frames, outbox, window, feed, _size(frames))
                 return
-            await self._push(framer.feed(data), outbox, window, feed, len(data))
+            await self._push(frames, outbox, window, feed, _size(frames))
 
     async def _push(
         self,
@@ -389,11 +394,16 @@ class Worker:
     ) -> None:
         waiting = feed.chunks
         feed.size += size
-        if waiting and len(waiting[-1].frames) + len(frames) <= self.max_batch:
+        last = waiting[-1] if waiting else None
+        if (
+            last is not None
+            and len(last.frames) + len(frames) <= self.max_batch
+            and last.size + size <= BATCH_BYTES
+        ):
             # Joined to the chunk already waiting: a connection whose lines wait (parked,
             # say, its reader slow) takes few of the inbox's slots, whatever its writes.
-            waiting[-1].frames.extend(frames)
-            waiting[-1].size += size
+            last.frames.extend(frames)
+            last.size += size
         else:
             # Shielded: a chunk is either handed over whole or never taken, and the
             # applier keeps draining, so this cannot hang a shutdown.
@@ -429,6 +439,14 @@ class Worker:
         client, server = memory_stream_pair()
         self.task_group.start_soon(self.serve, server)
         return client
+
+
+def _size(frames: list[bytes | TooLarge]) -> int:
+    """The bytes of the lines (a line of 1 MiB spans many reads: not the bytes read)."""
+    try:
+        return sum(map(len, frames))  # type: ignore[arg-type]  # TooLarge is rare
+    except TypeError:
+        return sum(len(frame) for frame in frames if isinstance(frame, bytes))
 
 
 async def _write_replies(

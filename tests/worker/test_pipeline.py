@@ -26,8 +26,8 @@ from tests.wire import (
     register,
 )
 from tests.worker.harness import START, Client, client_on, worker_on
-from worker.applier import Outbox
-from worker.pipeline import Connection, Window, _Feed
+from worker.applier import Outbox, Request, _decode
+from worker.pipeline import BATCH_BYTES, Connection, Window, _Feed
 
 pytestmark = pytest.mark.anyio
 
@@ -637,6 +637,28 @@ async def test_a_connection_waiting_holds_a_bounded_number_of_bytes_read(db: Pat
     # What was answered before its replies backed up, about 256 KiB waiting, and what
     # the stream buffers (64 writes): a few hundred (270 here), not all 1,000.
     assert 20 <= sent < 600
+
+
+async def test_a_batch_holds_about_batch_bytes_of_lines_and_failures_hold_none(
+    db: Path,
+) -> None:
+    """A batch keeps its lines until it commits: 512 lines of 1 MiB would be 512 MiB
+    (the audit's worker reached 618 MB). Batches now stop at about BATCH_BYTES, and a
+    refused line's failure drops its traceback, which held the line."""
+    big = b'{"id":"x","type":"verify","pad":"' + b"p" * (1 << 20) + b'"}'
+    failure = _decode(big)
+    assert isinstance(failure, codec.DecodeFailure) and failure.__traceback__ is None
+    async with worker_on(db) as worker:
+        conn = Connection(Window(10_000), lambda _: None, limit=1 << 30, patience=10)
+        feed, outbox = _Feed(conn), Outbox(conn.deliver)
+        for _ in range(12):  # 12 MiB in chunks of 1 MiB, none joined past BATCH_BYTES
+            feed.chunks.append(Request([big], outbox, len(big)))
+        worker._ring.append(feed)
+        feed.queued = True
+        worker._chunks.used += 12  # as _push would have counted them
+        requests, _ = worker._gather()
+    assert BATCH_BYTES <= sum(r.size for r in requests) < BATCH_BYTES + len(big) + 1
+    assert len(requests) < 12
 
 
 async def test_stopping_gives_a_client_that_takes_no_replies_only_patience(db: Path) -> None:

@@ -167,11 +167,23 @@ class Replay:
         self.answered_bytes = 0
         self._out = bytearray()  # lines counted in _waiting, not yet sent
         self._sending: anyio.CancelScope | None = None
+        self._waiting_scope = anyio.CancelScope()  # sending what is owed, reading replies
+        self._owed: anyio.CancelScope | None = None  # sending what was counted, once stopped
         self._stopped = False
 
     def stop(self, why: str) -> None:
-        """Send no more lines; those sent are still answered and counted (SIGINT/TERM)."""
+        """Send no more lines; those sent are still answered and counted (SIGINT, SIGTERM,
+        SIGHUP). A second stop waits no longer: the lines not answered are counted as
+        such (a worker that does not answer, say because it is stopped)."""
         if self._stopped:
+            self.error = (
+                f"stopped by {why} again: {len(self._waiting)} lines sent were not answered "
+                "(the worker may have applied some of them); run the same replay again to "
+                "finish (nothing is applied twice)"
+            )
+            self._waiting_scope.cancel()
+            if self._owed is not None:
+                self._owed.cancel()
             return
         self._stopped = True
         self.error = self.error or (
@@ -189,12 +201,13 @@ class Replay:
     async def run(self, stream: anyio.abc.ByteStream, progress: TextIO | None = None) -> Tally:
         """Feed ``stream`` and read its replies until both ends are done."""
         self.started = time.monotonic()
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(self._send_guarded, stream, tg.cancel_scope)
-            if progress is not None:
-                tg.start_soon(self._show_progress, progress)
-            await self._receive(stream)
-            tg.cancel_scope.cancel()  # the sender is done unless the connection ended early
+        with self._waiting_scope:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._send_guarded, stream, tg.cancel_scope)
+                if progress is not None:
+                    tg.start_soon(self._show_progress, progress)
+                await self._receive(stream)
+                tg.cancel_scope.cancel()  # the sender is done unless the connection ended
         if progress is not None:
             progress.write("\r\x1b[K")
         self.tally.unanswered = len(self._waiting)
@@ -211,7 +224,10 @@ class Replay:
                     self._sending.cancel()
                 await self._send_all(stream)
             if self._stopped:  # what is counted as sent goes, then the end of input
-                with anyio.CancelScope(shield=True):
+                with anyio.CancelScope(shield=True) as owed:
+                    if self._waiting_scope.cancel_called:
+                        owed.cancel()
+                    self._owed = owed
                     await _flush(stream, self._out)
                     await stream.send_eof()
         except ReplayError as exc:

@@ -203,8 +203,9 @@ async def _feed(args: argparse.Namespace, replay: Replay) -> None:
 
 
 async def _stop_on_signal(replay: Replay) -> None:
-    """SIGINT or SIGTERM: stop sending, take the replies owed, then print the summary."""
-    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+    """SIGINT, SIGTERM or SIGHUP (a closed terminal): stop sending, take the replies owed,
+    then print the summary; a second one stops waiting for the replies."""
+    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
         async for signum in signals:
             replay.stop(signal.Signals(signum).name)
 

@@ -214,7 +214,7 @@ def test_replay_interrupted_then_rerun_applies_everything_exactly_once(tmp_path:
     assert bidlog("verify", "--db", db).returncode == 0
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
 def test_replay_stopped_by_a_signal_sums_up_and_a_rerun_finishes(
     tmp_path: Path, signum: signal.Signals
 ) -> None:
@@ -239,6 +239,49 @@ def test_replay_stopped_by_a_signal_sums_up_and_a_rerun_finishes(
     assert sql(db, "SELECT count(message_id) FROM events") == [(first["ok"],)]
     again = summary(bidlog("replay", feed, "--db", db))
     assert (again["duplicate"], again["ok"]) == (first["ok"], total - first["ok"])
+
+
+def test_replay_stopped_twice_gives_up_on_a_worker_that_does_not_answer(
+    tmp_path: Path, sockdir: Path
+) -> None:
+    db, sock, feed = tmp_path / "b.sqlite3", sockdir / "s", tmp_path / "feed.ndjson"
+    total = 20000
+    feed.write_bytes(many_commands(total))
+    worker = start_socket_worker(db, sock)
+    proc = subprocess.Popen(
+        [str(BIN), "replay", str(feed), "--socket", str(sock)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        while proc.poll() is None and _events(db) < 200:
+            time.sleep(0.005)
+        worker.send_signal(signal.SIGSTOP)  # a hung worker: it answers nothing
+        proc.send_signal(signal.SIGINT)
+        time.sleep(1)
+        assert proc.poll() is None  # the first stop waits for the replies owed
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=10)
+        assert proc.returncode == 1, err
+        assert b"Traceback" not in err
+        assert b"stopped by SIGINT again" in err, err
+        first = msgspec.json.decode(out)
+        assert first["unanswered"] > 0
+        assert first["ok"] + first["unanswered"] < total
+    finally:
+        proc.kill()  # if it still waits (it must not), the test fails rather than hangs
+        proc.communicate()
+        worker.send_signal(signal.SIGCONT)
+    try:
+        again = summary(bidlog("replay", feed, "--socket", sock))
+        assert again["ok"] + again["duplicate"] == total
+        assert again["duplicate"] >= first["ok"]
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(20) == 0
+    assert sql(db, "SELECT count(message_id), count(DISTINCT message_id) FROM events") == [
+        (total, total)
+    ]
 
 
 def _events(db: Path) -> int:

@@ -14,7 +14,15 @@ from typing import Any
 import msgspec
 
 from adapters.canonical import digest
-from domain.commands import MESSAGE_TYPES, AnyMessage, BaseCommand, MessageId
+from domain.commands import (
+    AREA_PATTERN,
+    INITIALS_PATTERN,
+    MESSAGE_TYPES,
+    RFC3339_PATTERN,
+    AnyMessage,
+    BaseCommand,
+    MessageId,
+)
 
 __all__ = [
     "DecodeFailure",
@@ -110,7 +118,29 @@ def _classify(line: bytes, error: str) -> DecodeFailure:
             {"type": message_type},
             message_id,
         )
-    return DecodeFailure("invalid_message", error, _at(error_path(error)), message_id)
+    return DecodeFailure("invalid_message", _plain(error), _at(error_path(error)), message_id)
+
+
+def _plain(error: str) -> str:
+    """msgspec's message, with a regular expression it quotes said in words."""
+    for quoted, words in _PATTERN_WORDS.items():
+        if error.startswith(quoted):
+            return words + error[len(quoted) :]
+    return error
+
+
+_PATTERN_WORDS = {
+    f"Expected `str` matching regex {pattern!r}": words
+    for pattern, words in (
+        (RFC3339_PATTERN, "Expected an RFC 3339 time such as `2026-01-01T00:00:00Z`"),
+        (
+            AREA_PATTERN,
+            "Expected an area name: 1-32 letters, digits, spaces, `_` or `-`, "
+            "not starting with a space, `_` or `-`",
+        ),
+        (INITIALS_PATTERN, "Expected initials: two capital letters A-Z"),
+    )
+}
 
 
 def error_path(error: str) -> str:

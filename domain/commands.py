@@ -18,7 +18,8 @@ MessageId = Annotated[str, Meta(min_length=1, max_length=128)]
 BidYear = Annotated[int, Meta(ge=2000, le=2100)]
 AREA_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9 _-]{0,31}\Z"
 AreaName = Annotated[str, Meta(pattern=AREA_PATTERN)]
-Initials = Annotated[str, Meta(pattern=r"^[A-Z]{2}\Z")]
+INITIALS_PATTERN = r"^[A-Z]{2}\Z"
+Initials = Annotated[str, Meta(pattern=INITIALS_PATTERN)]
 UserName = Annotated[str, Meta(min_length=1, max_length=100)]
 UserType = Literal["CPC", "CPC-IT", "Dev-D", "Dev-R"]
 Crew = Annotated[int, Meta(ge=1, le=7)]

@@ -587,3 +587,20 @@ def test_encode_json_line_handles_structs_and_builtins() -> None:
         == b'{"type":"verify","id":"q","actor":null,"cause":null,"expected_seq":null}\n'
     )
     assert encode_json_line([1, "é"]) == '[1,"é"]\n'.encode()
+
+
+@pytest.mark.parametrize(
+    ("message", "path", "says"),
+    [
+        (get_state(at_time="2026-11-26 10:58:15Z"), "$.at_time", "an RFC 3339 time such as"),
+        (get_state(area="_North"), "$.area", "an area name: 1-32 letters"),
+        (submit(initials="a1"), "$.initials", "two capital letters"),
+    ],
+)
+def test_a_value_refused_by_a_pattern_is_described_in_words(
+    message: dict[str, Any], path: str, says: str
+) -> None:
+    error = failure(raw(message))
+    assert (error.code, error.details) == ("invalid_message", {"path": path})
+    assert says in error.message and f"at `{path}`" in error.message
+    assert "regex" not in error.message

@@ -45,7 +45,7 @@ from adapters.sqlite_schema import (
     schema_sql,
 )
 from adapters.sqlite_store import SqliteStore
-from adapters.sqlite_verify import Verifier
+from adapters.sqlite_verify import Verifier, rollback_fault
 from domain.errors import IntegrityError
 from domain.events import SNAPSHOT_ACTIONS, Event, authorship_fault
 from domain.evolve import evolve
@@ -189,6 +189,8 @@ class _Loader:
             raise BadLine(number, f"event {event.event_id} has fields not in the stored form")
         self._check_chain(number, event, hashed, obj["hash"])
         fault = authorship_fault(event)
+        if fault is None and event.action == "rollback":
+            fault = rollback_fault(self.conn, event)  # its target is inserted already
         if fault is not None:
             raise BadLine(number, f"event {event.event_id}: {fault}")
         state = self._replay(number, event)

@@ -54,6 +54,10 @@ class Verifier:
             if row[0] > self.upto:
                 break
             self._check(row)
+            if row[5] == "rollback":
+                fault = rollback_fault(conn, row_event(row))
+                if fault is not None:
+                    _fail(row[0], f"event {row[0]}: {fault}")
         if rows and self.checked < self.upto:
             return True
         self._finish()
@@ -128,6 +132,18 @@ class Verifier:
             _fail(self.checked + 1, f"event {self.checked + 1} is missing")
         if known is not None and known.event_id == self.checked and known != self.prev:
             _fail(self.checked, f"the head event {self.checked} is not the one committed")
+
+
+def rollback_fault(conn: sqlite3.Connection, event: Event) -> str | None:
+    """Why a rollback ``event`` (its ``to_event`` an earlier event, as ``authorship_fault``
+    checks) could not have been recorded: its target is not an event of its own scope."""
+    to_event = event.detail["to_event"]
+    row = conn.execute(
+        "SELECT bid_year, area FROM events WHERE event_id = ?", (to_event,)
+    ).fetchone()
+    if row is None or (row[0], row[1]) != event.scope:
+        return f"rollback to event {to_event}, which is not an event of its scope"
+    return None
 
 
 def _fail(event_id: int, message: str) -> NoReturn:

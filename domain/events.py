@@ -6,11 +6,12 @@ the event hashes and exports byte-for-byte the same before and after a round tri
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import msgspec
 
-from domain.commands import BIDDER_COMMANDS, Actor, Cause
+from domain.commands import AREA_PATTERN, BIDDER_COMMANDS, COMMAND_TYPES, Actor, Cause
 
 SCHEMA_VERSION = 1
 SNAPSHOT_ACTIONS = frozenset({"rollback", "finalize_round", "checkpoint"})
@@ -46,7 +47,21 @@ class Event(msgspec.Struct, frozen=True, kw_only=True):
 def authorship_fault(event: Event) -> str | None:
     """Why ``event`` could not have been recorded by bidlog as it stands, judging by who
     sent it (PROTOCOL section 5's role rules, section 6's automatic checkpoints); None if
-    it could. A chain re-hashed by a forger passes every hash: this is what still tells."""
+    it could. A chain re-hashed by a forger passes every hash: this is what still tells.
+    (That a rollback's ``to_event`` is an event of its own scope needs the log: the
+    readers of whole logs check it.)"""
+    if event.action not in _ACTIONS:
+        return f"unknown action {event.action!r}"
+    if not 2000 <= event.bid_year <= 2100:
+        return f"bid_year {event.bid_year} is outside 2000-2100"
+    if _AREA.match(event.area) is None:
+        return f"area {event.area!r} is not a valid area name"
+    if event.message_digest is not None and _DIGEST.match(event.message_digest) is None:
+        return "message_digest is not 64 lowercase hex digits"
+    if event.action == "rollback":
+        to_event = event.detail.get("to_event")
+        if type(to_event) is not int or not 0 < to_event < event.event_id:
+            return "a rollback's to_event must be an earlier event"
     automatic = event.message_id is None or event.message_digest is None
     if automatic:
         if event.message_id is not None or event.message_digest is not None:
@@ -60,3 +75,8 @@ def authorship_fault(event: Event) -> str | None:
     if role == "bidder" and event.action not in BIDDER_COMMANDS:
         return f"role bidder may not send {event.action}"
     return None
+
+
+_ACTIONS = frozenset(str(t.__struct_config__.tag) for t in COMMAND_TYPES)
+_AREA = re.compile(AREA_PATTERN)
+_DIGEST = re.compile(r"[0-9a-f]{64}\Z")

@@ -250,6 +250,37 @@ def anonymous_command(lines: list[Line]) -> tuple[list[Line], int]:
     return rehash(lines, 1), 2
 
 
+def _rollback(lines: list[Line]) -> int:
+    return next(i for i, obj in enumerate(lines) if obj["action"] == "rollback")
+
+
+def rollback_elsewhere(lines: list[Line]) -> tuple[list[Line], int]:
+    index = _rollback(lines)
+    lines[index]["detail"]["to_event"] = next(o["event_id"] for o in lines if o["area"] == "South")
+    return rehash(lines, index), index + 1
+
+
+def rollback_forward(lines: list[Line]) -> tuple[list[Line], int]:
+    index = _rollback(lines)
+    lines[index]["detail"]["to_event"] = lines[index]["event_id"]
+    return rehash(lines, index), index + 1
+
+
+def digest_not_hex(lines: list[Line]) -> tuple[list[Line], int]:
+    lines[2]["message_digest"] = "zz"
+    return rehash(lines, 2), 3
+
+
+def year_out_of_range(lines: list[Line]) -> tuple[list[Line], int]:
+    lines[0]["bid_year"] = 1999
+    return rehash(lines, 0), 1
+
+
+def unknown_action(lines: list[Line]) -> tuple[list[Line], int]:
+    lines[1]["action"] = "frobnicate"
+    return rehash(lines, 1), 2
+
+
 Mutation = Callable[[list[Line]], tuple[list[Line], int]]
 
 
@@ -271,6 +302,11 @@ Mutation = Callable[[list[Line]], tuple[list[Line], int]]
         (system_sends, "role system sends no messages"),
         (bidder_creates, "role bidder may not send create_area"),
         (anonymous_command, "only bidlog's automatic checkpoints have no message"),
+        (rollback_elsewhere, "which is not an event of its scope"),
+        (rollback_forward, "a rollback's to_event must be an earlier event"),
+        (digest_not_hex, "message_digest is not 64 lowercase hex digits"),
+        (year_out_of_range, "bid_year 1999 is outside 2000-2100"),
+        (unknown_action, "unknown action 'frobnicate'"),
     ],
 )
 async def test_a_broken_or_forged_export_is_refused_naming_the_line(

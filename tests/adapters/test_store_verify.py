@@ -134,6 +134,12 @@ async def test_a_delta_that_does_not_replay_is_caught(tmp_path: Path) -> None:
          "only bidlog's automatic checkpoints have no message"),
         ("UPDATE events SET message_digest = NULL WHERE event_id = 2",
          "both present or both null"),
+        ("UPDATE events SET message_digest = 'zz' WHERE event_id = 2",
+         "message_digest is not 64 lowercase hex digits"),
+        ("UPDATE events SET action = 'frobnicate' WHERE event_id = 2",
+         "unknown action 'frobnicate'"),
+        ("UPDATE events SET bid_year = 1999 WHERE event_id = 2",
+         "bid_year 1999 is outside 2000-2100"),
     ],
 )  # fmt: skip
 async def test_a_rehashed_event_nobody_could_have_sent_is_caught(
@@ -147,6 +153,26 @@ async def test_a_rehashed_event_nobody_could_have_sent_is_caught(
     with pytest.raises(IntegrityError, match=message) as caught:
         await verify(db)
     assert caught.value.details == {"event_id": 2}
+
+
+@pytest.mark.parametrize(
+    ("detail", "message"),
+    [
+        ('{"to_event":3}', "rollback to event 3, which is not an event of its scope"),
+        ('{"to_event":13}', "a rollback's to_event must be an earlier event"),
+        ('{"to_event":"7"}', "a rollback's to_event must be an earlier event"),
+    ],
+)
+async def test_a_rehashed_rollback_to_an_event_it_could_not_target_is_caught(
+    tmp_path: Path, detail: str, message: str
+) -> None:
+    db = tmp_path / "db.sqlite3"
+    await build(db)
+    tamper(db, f"UPDATE events SET detail = '{detail}' WHERE event_id = 13")  # North's rollback
+    rehash_from(db, 13)
+    with pytest.raises(IntegrityError, match=message) as caught:
+        await verify(db)
+    assert caught.value.details == {"event_id": 13}
 
 
 async def test_a_damaged_index_is_caught_though_every_event_checks_out(tmp_path: Path) -> None:

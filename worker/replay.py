@@ -126,9 +126,9 @@ class Tally:
     def describe(self, seconds: float) -> list[str]:
         rate = self.lines / seconds if seconds > 0 else 0.0
         head = (
-            f"{self.lines} lines: {self.ok} ok, {self.duplicate} duplicate, "
+            f"{self.lines} lines answered: {self.ok} ok, {self.duplicate} duplicate, "
             f"{self.failed} failed"
-            + (f", {self.unanswered} unanswered" if self.unanswered else "")
+            + (f"; {self.unanswered} more unanswered" if self.unanswered else "")
             + f" ({seconds:.1f} s, {rate:,.0f} lines/s)"
         )
         shown = [
@@ -169,6 +169,8 @@ class Replay:
         self._sending: anyio.CancelScope | None = None
         self._waiting_scope = anyio.CancelScope()  # sending what is owed, reading replies
         self._owed: anyio.CancelScope | None = None  # sending what was counted, once stopped
+        self._refused: str | None = None  # why the worker took no more lines, if it did not
+        self._lost: str | None = None  # why the replies stopped, if the connection broke
         self._stopped = False
 
     def stop(self, why: str) -> None:
@@ -211,7 +213,17 @@ class Replay:
         if progress is not None:
             progress.write("\r\x1b[K")
         self.tally.unanswered = len(self._waiting)
-        if self.error is None and (self._waiting or not self._sent_all):
+        if self.error is None and self._lost is not None:
+            self.error = (
+                f"lost the connection to the worker ({self._lost}; is it stopping?) with "
+                f"{len(self._waiting)} lines unanswered; run the same replay again to finish"
+            )
+        elif self.error is None and self._refused is not None:
+            self.error = (
+                f"the worker stopped taking lines ({self._refused}; is it stopping?) with "
+                f"{len(self._waiting)} lines unanswered; run the same replay again to finish"
+            )
+        elif self.error is None and (self._waiting or not self._sent_all):
             self.error = (
                 f"the worker ended the connection with {len(self._waiting)} lines unanswered"
             )
@@ -234,8 +246,9 @@ class Replay:
             self.error = str(exc)
             scope.cancel()
         except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
-            self.error = f"lost the connection to the worker: {str(exc) or type(exc).__name__}"
-            scope.cancel()
+            # The worker takes no more lines (it is stopping, or gone). What it read is
+            # still answered: the replies are read on until the connection ends.
+            self._refused = str(exc) or type(exc).__name__
 
     async def _send_all(self, stream: anyio.abc.ByteStream) -> None:
         out = self._out
@@ -265,9 +278,7 @@ class Replay:
                 self.answered_bytes += size
                 self.tally.count(name, number, _decode(frame))
         except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
-            self.error = self.error or (
-                f"lost the connection to the worker: {str(exc) or type(exc).__name__}"
-            )
+            self._lost = str(exc) or type(exc).__name__
 
     async def _show_progress(self, out: TextIO) -> None:
         while True:

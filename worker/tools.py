@@ -30,11 +30,12 @@ T = TypeVar("T")
 
 _REPLAY_HELP = """\
 Output: progress on stderr while it is a terminal; at the end a summary of the replies,
-as one JSON object on stdout ({"lines", "ok", "duplicate", "failed", "failures": the
-first 10 with file, line, id, code, message, "unanswered": lines read from the files
-that got no reply because the worker went away; run the same replay again for them}) and
-as text on stderr. Duplicates (commands already applied, e.g. by an interrupted earlier
-run) are not failures.
+as one JSON object on stdout ({"lines": lines answered, "ok", "duplicate", "failed",
+"failures": the first 10 with file, line, id, code, message, "unanswered": lines read
+from the files that got no reply because the worker went away or stopped; run the same
+replay again for them}) and as text on stderr. Duplicates (commands already applied,
+e.g. by an interrupted earlier run) are not failures. A second run sends again the lines
+the first one saw refused: they are decided afresh, against the ledger as it is then.
 Exit status: 0 if no line failed, 1 if any failed or the replay could not finish.
 """
 

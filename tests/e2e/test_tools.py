@@ -87,7 +87,7 @@ def test_replay_into_a_database_then_again_gives_only_duplicates(tmp_path: Path)
         "failures": [],
         "unanswered": 0,
     }
-    assert b"15 lines: 15 ok, 0 duplicate, 0 failed" in first.stderr
+    assert b"15 lines answered: 15 ok, 0 duplicate, 0 failed" in first.stderr
     again = summary(bidlog("replay", EXAMPLE, "--db", db))
     assert (again["ok"], again["duplicate"], again["failed"]) == (4, 11, 0)  # 4 queries
     assert sql(db, "SELECT count(*) FROM events") == [(11,)]

@@ -37,7 +37,10 @@ async def test_a_lost_connection_is_named_even_when_the_error_says_nothing(
         await replay.run(_Gone())
     finally:
         source.close()
-    assert replay.error == "lost the connection to the worker: BrokenResourceError"
+    assert replay.error is not None
+    assert replay.error.startswith(
+        "lost the connection to the worker (BrokenResourceError; is it stopping?) with "
+    )
 
 
 class _Dies(anyio.abc.ByteStream):
@@ -79,5 +82,56 @@ async def test_lines_left_unanswered_by_a_worker_that_died_are_counted(tmp_path:
         source.close()
     assert (tally.ok, tally.failed, tally.unanswered) == (2, 0, 3)
     assert tally.summary()["unanswered"] == 3
-    assert "2 ok, 0 duplicate, 0 failed, 3 unanswered" in tally.describe(1.0)[0]
+    assert (
+        "2 lines answered: 2 ok, 0 duplicate, 0 failed; 3 more unanswered"
+        in (tally.describe(1.0)[0])
+    )
     assert replay.error == "the worker ended the connection with 3 lines unanswered"
+
+
+class _StopsReading(anyio.abc.ByteStream):
+    """A worker that answers the two lines of the first send, then takes no more lines
+    (as when it is stopped with SIGTERM) and ends the connection."""
+
+    def __init__(self) -> None:
+        self.sends = 0
+        self.first = anyio.Event()
+        self.refused = anyio.Event()
+
+    async def receive(self, max_bytes: int = 65536) -> bytes:
+        if not self.first.is_set() or self.sends == 1:
+            await self.first.wait()
+            self.sends = 2
+            return b'{"id":"m0","ok":true}\n{"id":"m1","ok":true}\n'
+        await self.refused.wait()
+        raise anyio.EndOfStream
+
+    async def send(self, item: bytes) -> None:
+        if self.first.is_set():
+            self.refused.set()
+            raise anyio.BrokenResourceError()
+        self.sends = 1
+        self.first.set()
+
+    async def send_eof(self) -> None:
+        return None
+
+    async def aclose(self) -> None:
+        return None
+
+
+async def test_a_worker_that_stops_taking_lines_still_has_its_replies_counted(
+    tmp_path: Path,
+) -> None:
+    feed = tmp_path / "feed.ndjson"
+    lines = [b'{"id":"m%d","type":"verify"}\n' % i for i in range(5000)]
+    feed.write_bytes(b"".join(lines))
+    source = Source.open(str(feed))
+    try:
+        replay = Replay([source], window=2)
+        tally = await replay.run(_StopsReading())
+    finally:
+        source.close()
+    assert (tally.ok, tally.failed, tally.unanswered) == (2, 0, 2)
+    assert replay.error is not None
+    assert replay.error.startswith("the worker stopped taking lines (BrokenResourceError;")

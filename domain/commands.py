@@ -47,7 +47,18 @@ def parse_time(text: str) -> dt.datetime:
     if re.match(RFC3339_PATTERN, text) is None:
         raise ValueError(f"not an RFC 3339 time: {text}")
     normal = _FRACTION.sub(lambda m: "." + m.group(1).ljust(6, "0"), text.upper(), count=1)
-    return dt.datetime.fromisoformat(normal.replace("Z", "+00:00"))
+    if normal[17:19] != "60":
+        return dt.datetime.fromisoformat(normal.replace("Z", "+00:00"))
+    # A leap second, which RFC 3339 allows at the end of a month's last UTC minute: read
+    # as the last microsecond of that minute, all of it that a clock without leap seconds
+    # (events' times) can tell apart.
+    moment = dt.datetime.fromisoformat(
+        (normal[:17] + "59.999999" + normal[19:].lstrip(".0123456789")).replace("Z", "+00:00")
+    )
+    utc = moment.astimezone(dt.UTC)
+    if (utc.hour, utc.minute) != (23, 59) or (utc + dt.timedelta(days=1)).day != 1:
+        raise ValueError(f"{text} is not at the end of a month's last UTC minute")
+    return moment
 
 
 class Actor(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

@@ -140,6 +140,9 @@ def test_get_state_at_time_is_timezone_aware() -> None:
         ("2026-11-25T20:33:22.2682619999Z", dt.datetime(2026, 11, 25, 20, 33, 22, 268261, dt.UTC)),
         ("2026-11-25T20:33:22.5+01:00", dt.datetime(2026, 11, 25, 19, 33, 22, 500000, dt.UTC)),
         ("2026-11-25t20:33:22z", dt.datetime(2026, 11, 25, 20, 33, 22, tzinfo=dt.UTC)),
+        # A leap second: the last microsecond of its minute (events carry no :60).
+        ("2016-12-31T23:59:60Z", dt.datetime(2016, 12, 31, 23, 59, 59, 999999, dt.UTC)),
+        ("2017-01-01T00:59:60.5+01:00", dt.datetime(2016, 12, 31, 23, 59, 59, 999999, dt.UTC)),
     ],
 )
 def test_parse_time_reads_rfc_3339_down_to_the_microsecond(
@@ -149,7 +152,15 @@ def test_parse_time_reads_rfc_3339_down_to_the_microsecond(
 
 
 @pytest.mark.parametrize(
-    "text", ["2026-02-30T00:00:00Z", "2026-11-25T24:00:00Z", "2026-11-25T20:33:60Z", "x"]
+    "text",
+    [
+        "2026-02-30T00:00:00Z",
+        "2026-11-25T24:00:00Z",
+        "2026-11-25T20:33:60Z",  # a leap second only ends a month's last UTC minute
+        "2016-12-31T23:58:60Z",
+        "2016-12-31T23:59:61Z",
+        "x",
+    ],
 )
 def test_parse_time_refuses_what_names_no_instant(text: str) -> None:
     with pytest.raises(ValueError):

@@ -7,8 +7,9 @@ import sqlite3
 from typing import NoReturn
 
 from adapters.canonical import chain_hash
-from adapters.sqlite_reads import events_after, head
+from adapters.sqlite_reads import belongs, events_after, head, point
 from adapters.sqlite_rows import Head, Row, decode_state, event_dict, row_event
+from domain.decide import scope_data
 from domain.errors import IntegrityError
 from domain.events import SCHEMA_VERSION, Event, authorship_fault
 from domain.evolve import evolve
@@ -136,13 +137,15 @@ class Verifier:
 
 def rollback_fault(conn: sqlite3.Connection, event: Event) -> str | None:
     """Why a rollback ``event`` (its ``to_event`` an earlier event, as ``authorship_fault``
-    checks) could not have been recorded: its target is not an event of its own scope."""
+    checks) could not have been recorded: its target is not an event of its own scope,
+    or the state it restores is not the scope's at that event (read as the worker read
+    it: ``conn`` holds every earlier event, checked already)."""
     to_event = event.detail["to_event"]
-    row = conn.execute(
-        "SELECT bid_year, area FROM events WHERE event_id = ?", (to_event,)
-    ).fetchone()
-    if row is None or (row[0], row[1]) != event.scope:
+    if not belongs(conn, event.scope, to_event):
         return f"rollback to event {to_event}, which is not an event of its scope"
+    found = point(conn, event.scope, to_event)
+    if found is None or scope_data(found.state) != event.after:
+        return f"the state it restores is not the scope's at event {to_event}"
     return None
 
 

@@ -266,6 +266,13 @@ def rollback_forward(lines: list[Line]) -> tuple[list[Line], int]:
     return rehash(lines, index), index + 1
 
 
+def rollback_restores_another_state(lines: list[Line]) -> tuple[list[Line], int]:
+    index = _rollback(lines)
+    lines[index]["after"]["users"][0]["name"] = "Forged"
+    lines[index]["state"]["users"][0]["name"] = "Forged"
+    return rehash(lines, index), index + 1
+
+
 def digest_not_hex(lines: list[Line]) -> tuple[list[Line], int]:
     lines[2]["message_digest"] = "zz"
     return rehash(lines, 2), 3
@@ -304,6 +311,7 @@ Mutation = Callable[[list[Line]], tuple[list[Line], int]]
         (anonymous_command, "only bidlog's automatic checkpoints have no message"),
         (rollback_elsewhere, "which is not an event of its scope"),
         (rollback_forward, "a rollback's to_event must be an earlier event"),
+        (rollback_restores_another_state, "the state it restores is not the scope's at event"),
         (digest_not_hex, "message_digest is not 64 lowercase hex digits"),
         (year_out_of_range, "bid_year 1999 is outside 2000-2100"),
         (unknown_action, "unknown action 'frobnicate'"),

@@ -175,6 +175,26 @@ async def test_a_rehashed_rollback_to_an_event_it_could_not_target_is_caught(
     assert caught.value.details == {"event_id": 13}
 
 
+async def test_a_rehashed_rollback_restoring_a_state_the_scope_never_had_is_caught(
+    tmp_path: Path,
+) -> None:
+    """The forger changes the restored state and its snapshot alike: every hash and the
+    snapshot check pass; the state at the rollback's target still tells."""
+    db = tmp_path / "db.sqlite3"
+    await build(db)
+    tamper(
+        db,
+        "UPDATE events SET after = json_set(after, '$.users[0].name', 'Forged') "
+        "WHERE event_id = 13",
+        "UPDATE snapshots SET state = json_set(state, '$.users[0].name', 'Forged') "
+        "WHERE event_id = 13",
+    )
+    rehash_from(db, 13)
+    with pytest.raises(IntegrityError, match="not the scope's at event 7") as caught:
+        await verify(db)
+    assert caught.value.details == {"event_id": 13}
+
+
 async def test_a_damaged_index_is_caught_though_every_event_checks_out(tmp_path: Path) -> None:
     db = tmp_path / "db.sqlite3"
     await build(db)

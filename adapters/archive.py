@@ -166,7 +166,7 @@ def _build(lines: Iterable[bytes], tmp: Path, stop: threading.Event | None) -> d
             if raw.strip():
                 loader.load(number, raw)
         conn.execute("COMMIT")
-        counts = verify_connection(conn)
+        counts = verify_connection(conn, rollbacks=False)  # the loader checked them
         conn.execute("PRAGMA journal_mode = WAL")  # what the store would have set
         return counts
     finally:
@@ -180,6 +180,7 @@ class _Loader:
         self.conn = conn
         self.head = Head()
         self.states: dict[ScopeKey, ScopeState] = {}
+        self.sound: set[int] = set()  # snapshots checked against the replay
 
     def load(self, number: int, raw: bytes) -> None:
         obj = _parse(number, raw)
@@ -190,7 +191,7 @@ class _Loader:
         self._check_chain(number, event, hashed, obj["hash"])
         fault = authorship_fault(event)
         if fault is None and event.action == "rollback":
-            fault = rollback_fault(self.conn, event)  # its target is inserted already
+            fault = rollback_fault(self.conn, event, self.sound)  # its target is in already
         if fault is not None:
             raise BadLine(number, f"event {event.event_id}: {fault}")
         state = self._replay(number, event)
@@ -241,6 +242,8 @@ class _Loader:
             raise BadLine(
                 number, f"event {event.event_id}: snapshot differs from the replayed state"
             )
+        if event.snapshot:
+            self.sound.add(event.event_id)
 
     def _insert(
         self, number: int, event: Event, hashed: dict[str, Any], hash_: str, state: ScopeState
@@ -369,9 +372,12 @@ def _header(path: Path) -> bytes:
         return file.read(100)
 
 
-def verify_connection(conn: sqlite3.Connection, what: str = "the new database") -> dict[str, int]:
-    """The store's ``verify`` on a plain connection; ``ArchiveError`` if it fails."""
-    verifier = Verifier()
+def verify_connection(
+    conn: sqlite3.Connection, what: str = "the new database", *, rollbacks: bool = True
+) -> dict[str, int]:
+    """The store's ``verify`` on a plain connection; ``ArchiveError`` if it fails.
+    (``rollbacks=False``: what rollbacks restore was checked already.)"""
+    verifier = Verifier(rollbacks=rollbacks)
     try:
         verifier.start(conn)
         while verifier.step(conn):

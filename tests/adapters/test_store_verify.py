@@ -245,3 +245,24 @@ async def test_check_tail_catches_a_changed_recent_event_and_passes_a_clean_log(
         await store.check_tail(1)  # event 12 lies outside the newest one
     finally:
         await store.close()
+
+
+async def test_a_step_that_has_read_rollbacks_for_its_time_gives_the_thread_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each rollback costs a read of its target's state; a live worker's appends share
+    the database thread with verify, so a step ends once its time is used."""
+    db = tmp_path / "db.sqlite3"
+    await build(db)
+    monkeypatch.setattr(sqlite_verify, "STEP_SECONDS", -1.0)
+    conn = sqlite3.connect(db)
+    try:
+        verifier = sqlite_verify.Verifier()
+        verifier.start(conn)
+        assert verifier.step(conn)
+        assert verifier.checked == 13  # stopped right after the rollback, event 13
+        while verifier.step(conn):
+            pass
+    finally:
+        conn.close()
+    assert verifier.result() == await verify(db)

@@ -7,6 +7,7 @@ checks) refuses a bad year, name or crew and names the JSON path. Rules that spa
 
 from __future__ import annotations
 
+import calendar
 import datetime as dt
 import re
 from typing import Annotated, Literal
@@ -55,8 +56,12 @@ def parse_time(text: str) -> dt.datetime:
     moment = dt.datetime.fromisoformat(
         (normal[:17] + "59.999999" + normal[19:].lstrip(".0123456789")).replace("Z", "+00:00")
     )
-    utc = moment.astimezone(dt.UTC)
-    if (utc.hour, utc.minute) != (23, 59) or (utc + dt.timedelta(days=1)).day != 1:
+    try:
+        utc = moment.astimezone(dt.UTC)
+    except OverflowError:  # its UTC form is outside the calendar: left to the caller
+        return moment
+    last_day = calendar.monthrange(utc.year, utc.month)[1]
+    if (utc.day, utc.hour, utc.minute) != (last_day, 23, 59):
         raise ValueError(f"{text} is not at the end of a month's last UTC minute")
     return moment
 

@@ -143,6 +143,7 @@ def test_get_state_at_time_is_timezone_aware() -> None:
         # A leap second: the last microsecond of its minute (events carry no :60).
         ("2016-12-31T23:59:60Z", dt.datetime(2016, 12, 31, 23, 59, 59, 999999, dt.UTC)),
         ("2017-01-01T00:59:60.5+01:00", dt.datetime(2016, 12, 31, 23, 59, 59, 999999, dt.UTC)),
+        ("9999-12-31T23:59:60Z", dt.datetime(9999, 12, 31, 23, 59, 59, 999999, dt.UTC)),
     ],
 )
 def test_parse_time_reads_rfc_3339_down_to_the_microsecond(

@@ -9,6 +9,7 @@ from the worker, so they are never sent.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 import sys
@@ -171,27 +172,23 @@ class Replay:
         self._owed: anyio.CancelScope | None = None  # sending what was counted, once stopped
         self._refused: str | None = None  # why the worker took no more lines, if it did not
         self._lost: str | None = None  # why the replies stopped, if the connection broke
-        self._stopped = False
+        self._stopped: str | None = None  # the signal that stopped the sending
+        self._again: str | None = None  # the signal that stopped the waiting for replies
+        self._finished = False
 
     def stop(self, why: str) -> None:
         """Send no more lines; those sent are still answered and counted (SIGINT, SIGTERM,
         SIGHUP). A second stop waits no longer: the lines not answered are counted as
         such (a worker that does not answer, say because it is stopped)."""
-        if self._stopped:
-            self.error = (
-                f"stopped by {why} again: {len(self._waiting)} lines sent were not answered "
-                "(the worker may have applied some of them); run the same replay again to "
-                "finish (nothing is applied twice)"
-            )
+        if self._finished:
+            return
+        if self._stopped is not None:
+            self._again = self._again or why
             self._waiting_scope.cancel()
             if self._owed is not None:
                 self._owed.cancel()
             return
-        self._stopped = True
-        self.error = self.error or (
-            f"stopped by {why}: the lines sent were answered and are counted; "
-            "run the same replay again to finish (nothing is applied twice)"
-        )
+        self._stopped = why
         if self._sending is not None:
             self._sending.cancel()
 
@@ -210,24 +207,40 @@ class Replay:
                     tg.start_soon(self._show_progress, progress)
                 await self._receive(stream)
                 tg.cancel_scope.cancel()  # the sender is done unless the connection ended
+        self._finished = True
         if progress is not None:
-            progress.write("\r\x1b[K")
+            _write(progress, "\r\x1b[K")
         self.tally.unanswered = len(self._waiting)
-        if self.error is None and self._lost is not None:
-            self.error = (
-                f"lost the connection to the worker ({self._lost}; is it stopping?) with "
-                f"{len(self._waiting)} lines unanswered; run the same replay again to finish"
-            )
-        elif self.error is None and self._refused is not None:
-            self.error = (
-                f"the worker stopped taking lines ({self._refused}; is it stopping?) with "
-                f"{len(self._waiting)} lines unanswered; run the same replay again to finish"
-            )
-        elif self.error is None and (self._waiting or not self._sent_all):
-            self.error = (
-                f"the worker ended the connection with {len(self._waiting)} lines unanswered"
-            )
+        self.error = self.error or self._ending()
         return self.tally
+
+    def _ending(self) -> str | None:
+        """What stopped the run short, if anything did (None: every line answered)."""
+        left = len(self._waiting)
+        again = "; run the same replay again to finish (nothing is applied twice)"
+        if self._again is not None:
+            return (
+                f"stopped by {self._again} again: {left} lines not answered (the worker may "
+                f"have applied some of them){again}"
+            )
+        stopped = f"stopped by {self._stopped}, then " if self._stopped is not None else ""
+        if self._lost is not None:
+            return (
+                f"{stopped}lost the connection to the worker ({self._lost}; is it "
+                f"stopping?) with {left} lines unanswered{again}"
+            )
+        if self._refused is not None:
+            return (
+                f"{stopped}the worker stopped taking lines ({self._refused}; is it "
+                f"stopping?) with {left} lines unanswered{again}"
+            )
+        if left or (self._stopped is None and not self._sent_all):
+            return f"{stopped}the worker ended the connection with {left} lines unanswered"
+        if self._stopped is not None:
+            return (
+                f"stopped by {self._stopped}: the lines sent were answered and are counted{again}"
+            )
+        return None
 
     async def _send_guarded(self, stream: anyio.abc.ByteStream, scope: anyio.CancelScope) -> None:
         try:
@@ -247,8 +260,11 @@ class Replay:
             scope.cancel()
         except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
             # The worker takes no more lines (it is stopping, or gone). What it read is
-            # still answered: the replies are read on until the connection ends.
+            # still answered: the replies are read on until the connection ends. The end
+            # of input tells a worker that is still there that no more lines come.
             self._refused = str(exc) or type(exc).__name__
+            with contextlib.suppress(Exception):
+                await stream.send_eof()
 
     async def _send_all(self, stream: anyio.abc.ByteStream) -> None:
         out = self._out
@@ -283,8 +299,8 @@ class Replay:
     async def _show_progress(self, out: TextIO) -> None:
         while True:
             await anyio.sleep(0.25)
-            out.write("\r\x1b[K" + self.progress_line())
-            out.flush()
+            if not _write(out, "\r\x1b[K" + self.progress_line()):
+                return  # the terminal is gone (a hangup): no more progress
 
     def progress_line(self) -> str:
         seconds = max(time.monotonic() - self.started, 1e-9)
@@ -320,8 +336,21 @@ def report(replay: Replay, *, stdout: TextIO | None = None, stderr: TextIO | Non
     tally = replay.tally
     stdout.write(msgspec.json.encode(tally.summary()).decode() + "\n")
     stdout.flush()
-    for text in tally.describe(time.monotonic() - replay.started):
-        print(f"bidlog replay: {text}" if not text.startswith(" ") else text, file=stderr)
+    lines = [
+        f"bidlog replay: {text}" if not text.startswith(" ") else text
+        for text in tally.describe(time.monotonic() - replay.started)
+    ]
     if replay.error is not None:
-        print(f"bidlog replay: {replay.error}", file=stderr)
+        lines.append(f"bidlog replay: {replay.error}")
+    _write(stderr, "".join(line + "\n" for line in lines))  # a closed terminal: still exit
     return 1 if tally.failed or replay.error is not None else 0
+
+
+def _write(out: TextIO, text: str) -> bool:
+    """Write and flush ``text``; False if ``out`` cannot take it (a hung-up terminal)."""
+    try:
+        out.write(text)
+        out.flush()
+    except (OSError, ValueError):
+        return False
+    return True

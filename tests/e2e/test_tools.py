@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import itertools
+import os
+import pty
 import signal
 import sqlite3
 import string
@@ -248,12 +250,13 @@ def test_replay_stopped_twice_gives_up_on_a_worker_that_does_not_answer(
     total = 20000
     feed.write_bytes(many_commands(total))
     worker = start_socket_worker(db, sock)
-    proc = subprocess.Popen(
-        [str(BIN), "replay", str(feed), "--socket", str(sock)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
+    proc: subprocess.Popen[bytes] | None = None
     try:
+        proc = subprocess.Popen(
+            [str(BIN), "replay", str(feed), "--socket", str(sock)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
         while proc.poll() is None and _events(db) < 200:
             time.sleep(0.005)
         worker.send_signal(signal.SIGSTOP)  # a hung worker: it answers nothing
@@ -268,20 +271,46 @@ def test_replay_stopped_twice_gives_up_on_a_worker_that_does_not_answer(
         first = msgspec.json.decode(out)
         assert first["unanswered"] > 0
         assert first["ok"] + first["unanswered"] < total
-    finally:
-        proc.kill()  # if it still waits (it must not), the test fails rather than hangs
-        proc.communicate()
         worker.send_signal(signal.SIGCONT)
-    try:
         again = summary(bidlog("replay", feed, "--socket", sock))
         assert again["ok"] + again["duplicate"] == total
         assert again["duplicate"] >= first["ok"]
     finally:
+        if proc is not None:  # if it still waits (it must not), fail rather than hang
+            proc.kill()
+            proc.communicate()
+        worker.send_signal(signal.SIGCONT)
         worker.send_signal(signal.SIGTERM)
         assert worker.wait(20) == 0
     assert sql(db, "SELECT count(message_id), count(DISTINCT message_id) FROM events") == [
         (total, total)
     ]
+
+
+def test_replay_whose_terminal_hangs_up_still_writes_its_summary(tmp_path: Path) -> None:
+    """SIGHUP comes with a closed terminal: progress and the text summary cannot be
+    written to it, and the JSON summary on stdout must still come."""
+    db, feed, out = tmp_path / "b.sqlite3", tmp_path / "feed.ndjson", tmp_path / "out.json"
+    total = 20000
+    feed.write_bytes(many_commands(total))
+    master, slave = pty.openpty()
+    with out.open("wb") as stdout:
+        proc = subprocess.Popen(
+            [str(BIN), "replay", str(feed), "--db", str(db)], stdout=stdout, stderr=slave
+        )
+    os.close(slave)
+    try:
+        while proc.poll() is None and _events(db) < 200:
+            time.sleep(0.005)
+        os.close(master)  # the terminal goes away, then the hangup
+        proc.send_signal(signal.SIGHUP)
+        assert proc.wait(60) == 1
+    finally:
+        proc.kill()
+        proc.wait()
+    first = msgspec.json.decode(out.read_bytes())
+    assert 0 < first["ok"] < total and first["failed"] == 0
+    assert sql(db, "SELECT count(message_id) FROM events") == [(first["ok"],)]
 
 
 def _events(db: Path) -> int:

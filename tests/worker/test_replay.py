@@ -135,3 +135,50 @@ async def test_a_worker_that_stops_taking_lines_still_has_its_replies_counted(
     assert (tally.ok, tally.failed, tally.unanswered) == (2, 0, 2)
     assert replay.error is not None
     assert replay.error.startswith("the worker stopped taking lines (BrokenResourceError;")
+
+
+class _BreaksAfterStop(anyio.abc.ByteStream):
+    """A worker that answers nothing and breaks the connection once the replay was
+    stopped (as when it is killed while the replay waits for its replies)."""
+
+    def __init__(self) -> None:
+        self.replay: Replay | None = None
+        self.sent = anyio.Event()
+
+    async def receive(self, max_bytes: int = 65536) -> bytes:
+        await self.sent.wait()
+        assert self.replay is not None
+        self.replay.stop("SIGINT")
+        raise anyio.BrokenResourceError()
+
+    async def send(self, item: bytes) -> None:
+        self.sent.set()
+
+    async def send_eof(self) -> None:
+        return None
+
+    async def aclose(self) -> None:
+        return None
+
+
+async def test_a_stop_then_a_lost_connection_says_both_and_a_late_signal_changes_nothing(
+    tmp_path: Path,
+) -> None:
+    feed = tmp_path / "feed.ndjson"
+    feed.write_bytes(b"".join(b'{"id":"m%d","type":"verify"}\n' % i for i in range(3)))
+    source = Source.open(str(feed))
+    try:
+        replay = Replay([source])
+        stream = _BreaksAfterStop()
+        stream.replay = replay
+        tally = await replay.run(stream)
+    finally:
+        source.close()
+    assert tally.unanswered == 3
+    assert replay.error is not None
+    assert replay.error.startswith(
+        "stopped by SIGINT, then lost the connection to the worker (BrokenResourceError"
+    )
+    said = replay.error
+    replay.stop("SIGTERM")  # after the run: nothing to stop, nothing to say
+    assert replay.error == said

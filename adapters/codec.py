@@ -132,10 +132,13 @@ def _plain(error: str) -> str:
 _PATTERN_WORDS = {
     f"Expected `str` matching regex {pattern!r}": words
     for pattern, words in (
-        (RFC3339_PATTERN, "Expected an RFC 3339 time such as `2026-01-01T00:00:00Z`"),
+        (
+            RFC3339_PATTERN,
+            "Expected an RFC 3339 time with a time zone, such as `2026-01-01T00:00:00Z`",
+        ),
         (
             AREA_PATTERN,
-            "Expected an area name: 1-32 letters, digits, spaces, `_` or `-`, "
+            "Expected an area name: 1-32 of A-Z, a-z, 0-9, space, `_` and `-`, "
             "not starting with a space, `_` or `-`",
         ),
         (INITIALS_PATTERN, "Expected initials: two capital letters A-Z"),

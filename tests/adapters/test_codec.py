@@ -592,8 +592,12 @@ def test_encode_json_line_handles_structs_and_builtins() -> None:
 @pytest.mark.parametrize(
     ("message", "path", "says"),
     [
-        (get_state(at_time="2026-11-26 10:58:15Z"), "$.at_time", "an RFC 3339 time such as"),
-        (get_state(area="_North"), "$.area", "an area name: 1-32 letters"),
+        (
+            get_state(at_time="2026-11-26 10:58:15Z"),
+            "$.at_time",
+            "an RFC 3339 time with a time zone",
+        ),
+        (get_state(area="_North"), "$.area", "an area name: 1-32 of A-Z, a-z, 0-9"),
         (submit(initials="a1"), "$.initials", "two capital letters"),
     ],
 )

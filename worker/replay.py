@@ -170,6 +170,7 @@ class Replay:
         self._sending: anyio.CancelScope | None = None
         self._waiting_scope = anyio.CancelScope()  # sending what is owed, reading replies
         self._owed: anyio.CancelScope | None = None  # sending what was counted, once stopped
+        self._in_send: anyio.CancelScope | None = None  # a send under way
         self._refused: str | None = None  # why the worker took no more lines, if it did not
         self._lost: str | None = None  # why the replies stopped, if the connection broke
         self._stopped: str | None = None  # the signal that stopped the sending
@@ -185,8 +186,9 @@ class Replay:
         if self._stopped is not None:
             self._again = self._again or why
             self._waiting_scope.cancel()
-            if self._owed is not None:
-                self._owed.cancel()
+            for scope in (self._owed, self._in_send):
+                if scope is not None:
+                    scope.cancel()
             return
         self._stopped = why
         if self._sending is not None:
@@ -235,7 +237,7 @@ class Replay:
                 f"stopping?) with {left} lines unanswered{again}"
             )
         if left or (self._stopped is None and not self._sent_all):
-            return f"{stopped}the worker ended the connection with {left} lines unanswered"
+            return f"{stopped}the worker ended the connection with {left} lines unanswered{again}"
         if self._stopped is not None:
             return (
                 f"stopped by {self._stopped}: the lines sent were answered and are counted{again}"
@@ -253,7 +255,7 @@ class Replay:
                     if self._waiting_scope.cancel_called:
                         owed.cancel()
                     self._owed = owed
-                    await _flush(stream, self._out)
+                    await self._flush(stream)
                     await stream.send_eof()
         except ReplayError as exc:
             self.error = str(exc)
@@ -266,6 +268,20 @@ class Replay:
             with contextlib.suppress(Exception):
                 await stream.send_eof()
 
+    async def _flush(self, stream: anyio.abc.ByteStream) -> None:
+        """Send the lines buffered. A send the first stop cut short would leave its last
+        line cut (a malformed line to the worker) and the rest unsent though counted: it
+        runs to its end; only a second stop gives up on it."""
+        if not self._out:
+            return
+        data = bytes(self._out)
+        self._out.clear()
+        with anyio.CancelScope(shield=True) as self._in_send:
+            if self._again is not None:
+                self._in_send.cancel()
+            await stream.send(data)
+        self._in_send = None
+
     async def _send_all(self, stream: anyio.abc.ByteStream) -> None:
         out = self._out
         for source in self.sources:
@@ -273,13 +289,13 @@ class Replay:
                 try:
                     self._slots.acquire_nowait()
                 except anyio.WouldBlock:
-                    await _flush(stream, out)  # what is buffered must go, or no slot frees
+                    await self._flush(stream)  # what is buffered must go, or no slot frees
                     await self._slots.acquire()
                 self._waiting.append((source.name, number, len(line) + 1))
                 out += line + b"\n"
                 if len(out) >= _SEND_SIZE:
-                    await _flush(stream, out)
-        await _flush(stream, out)
+                    await self._flush(stream)
+        await self._flush(stream)
         self._sent_all = True
         await stream.send_eof()
 
@@ -311,13 +327,6 @@ class Replay:
             eta = seconds * (1 - done) / done
             text += f", {done:.0%}, ETA {eta:,.0f} s"
         return text
-
-
-async def _flush(stream: anyio.abc.ByteStream, out: bytearray) -> None:
-    if out:
-        data = bytes(out)
-        out.clear()
-        await stream.send(data)
 
 
 def _decode(frame: bytes | TooLarge) -> Any:

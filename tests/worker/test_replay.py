@@ -86,7 +86,10 @@ async def test_lines_left_unanswered_by_a_worker_that_died_are_counted(tmp_path:
         "2 lines answered: 2 ok, 0 duplicate, 0 failed; 3 more unanswered"
         in (tally.describe(1.0)[0])
     )
-    assert replay.error == "the worker ended the connection with 3 lines unanswered"
+    assert replay.error == (
+        "the worker ended the connection with 3 lines unanswered; run the same replay again"
+        " to finish (nothing is applied twice)"
+    )
 
 
 class _StopsReading(anyio.abc.ByteStream):
@@ -182,3 +185,63 @@ async def test_a_stop_then_a_lost_connection_says_both_and_a_late_signal_changes
     said = replay.error
     replay.stop("SIGTERM")  # after the run: nothing to stop, nothing to say
     assert replay.error == said
+
+
+class _SlowSend(anyio.abc.ByteStream):
+    """A worker whose first send is slow to be taken; it answers every line it got."""
+
+    def __init__(self) -> None:
+        self.started = anyio.Event()
+        self.release = anyio.Event()
+        self.got = b""
+        self.answered = 0
+        self.ended = anyio.Event()
+
+    async def receive(self, max_bytes: int = 65536) -> bytes:
+        while True:
+            lines = self.got.count(b"\n")
+            if lines > self.answered:
+                replies = b'{"id":"m","ok":true}\n' * (lines - self.answered)
+                self.answered = lines
+                return replies
+            if self.ended.is_set():
+                raise anyio.EndOfStream
+            await anyio.sleep(0.001)
+
+    async def send(self, item: bytes) -> None:
+        if not self.started.is_set():
+            self.started.set()
+            await self.release.wait()
+        self.got += item
+
+    async def send_eof(self) -> None:
+        self.ended.set()
+
+    async def aclose(self) -> None:
+        return None
+
+
+async def test_a_stop_lets_a_send_under_way_finish_so_no_line_is_cut_or_lost(
+    tmp_path: Path,
+) -> None:
+    feed = tmp_path / "feed.ndjson"
+    feed.write_bytes(b"".join(b'{"id":"m%d","type":"verify"}\n' % i for i in range(20000)))
+    source = Source.open(str(feed))
+    stream = _SlowSend()
+    replay = Replay([source])
+    try:
+        async with anyio.create_task_group() as tg:
+
+            async def stop_during_the_first_send() -> None:
+                await stream.started.wait()
+                replay.stop("SIGINT")
+                await anyio.sleep(0.05)
+                stream.release.set()
+
+            tg.start_soon(stop_during_the_first_send)
+            tally = await replay.run(stream)
+    finally:
+        source.close()
+    assert stream.got.endswith(b"\n")
+    assert tally.unanswered == 0 and tally.ok == stream.got.count(b"\n") > 0
+    assert replay.error is not None and replay.error.startswith("stopped by SIGINT: the lines")

@@ -40,6 +40,7 @@ Role = Literal["admin", "bidder", "system"]
 RFC3339_PATTERN = r"^\d{4}-\d\d-\d\d[Tt]\d\d:\d\d:\d\d(\.\d+)?([Zz]|[+-]\d\d:\d\d)\Z"
 Timestamp = Annotated[str, Meta(pattern=RFC3339_PATTERN)]
 _FRACTION = re.compile(r"\.(\d{1,6})\d*")
+_MINUTE = dt.timedelta(minutes=1)
 
 
 def parse_time(text: str) -> dt.datetime:
@@ -56,12 +57,12 @@ def parse_time(text: str) -> dt.datetime:
     moment = dt.datetime.fromisoformat(
         (normal[:17] + "59.999999" + normal[19:].lstrip(".0123456789")).replace("Z", "+00:00")
     )
-    try:
-        utc = moment.astimezone(dt.UTC)
-    except OverflowError:  # its UTC form is outside the calendar: left to the caller
-        return moment
-    last_day = calendar.monthrange(utc.year, utc.month)[1]
-    if (utc.day, utc.hour, utc.minute) != (last_day, 23, 59):
+    offset = moment.utcoffset() or dt.timedelta()
+    # The UTC minute and day, by arithmetic: its UTC form may be outside the calendar.
+    shift, minute = divmod(moment.hour * 60 + moment.minute - offset // _MINUTE, 24 * 60)
+    last_day = calendar.monthrange(moment.year, moment.month)[1]
+    month_end = {-1: moment.day == 1, 0: moment.day == last_day, 1: moment.day == last_day - 1}
+    if minute != 23 * 60 + 59 or not month_end[shift]:
         raise ValueError(f"{text} is not at the end of a month's last UTC minute")
     return moment
 

@@ -144,6 +144,10 @@ def test_get_state_at_time_is_timezone_aware() -> None:
         ("2016-12-31T23:59:60Z", dt.datetime(2016, 12, 31, 23, 59, 59, 999999, dt.UTC)),
         ("2017-01-01T00:59:60.5+01:00", dt.datetime(2016, 12, 31, 23, 59, 59, 999999, dt.UTC)),
         ("9999-12-31T23:59:60Z", dt.datetime(9999, 12, 31, 23, 59, 59, 999999, dt.UTC)),
+        (  # a leap second whose UTC form is outside the calendar: still read, as a time
+            "0001-01-01T00:59:60+01:00",
+            dt.datetime(1, 1, 1, 0, 59, 59, 999999, dt.timezone(dt.timedelta(hours=1))),
+        ),
     ],
 )
 def test_parse_time_reads_rfc_3339_down_to_the_microsecond(
@@ -160,6 +164,8 @@ def test_parse_time_reads_rfc_3339_down_to_the_microsecond(
         "2026-11-25T20:33:60Z",  # a leap second only ends a month's last UTC minute
         "2016-12-31T23:58:60Z",
         "2016-12-31T23:59:61Z",
+        "9999-12-31T23:59:60-05:00",  # 04:59 UTC on a first of January
+        "0001-01-01T00:00:60+05:00",
         "x",
     ],
 )

@@ -46,6 +46,7 @@ from adapters.sqlite_schema import (
 )
 from adapters.sqlite_store import SqliteStore
 from adapters.sqlite_verify import Verifier, rollback_fault
+from domain.deltas import before_fault
 from domain.errors import IntegrityError
 from domain.events import SNAPSHOT_ACTIONS, Event, authorship_fault
 from domain.evolve import evolve
@@ -224,6 +225,9 @@ class _Loader:
             )
         if (before is None) != (event.action == "create_area"):
             raise BadLine(number, f"event {event.event_id}: create_area must open its area")
+        fault = before_fault(before, event)
+        if fault is not None:
+            raise BadLine(number, f"event {event.event_id}: {fault}")
         try:
             return evolve(before, event)
         except Exception as exc:

@@ -11,6 +11,7 @@ from typing import NoReturn
 from adapters.canonical import canonical, chain_hash
 from adapters.sqlite_reads import belongs, events_after, head, point
 from adapters.sqlite_rows import Head, Row, decode_state, event_dict, row_event
+from domain.deltas import before_fault
 from domain.errors import IntegrityError
 from domain.events import SCHEMA_VERSION, Event, authorship_fault
 from domain.evolve import evolve
@@ -127,6 +128,9 @@ class Verifier:
         before = self.states.get(event.scope)
         if event.seq != (before.seq if before is not None else 0) + 1:
             _fail(event.event_id, f"event {event.event_id} has seq {event.seq} out of order")
+        fault = before_fault(before, event)
+        if fault is not None:
+            _fail(event.event_id, f"event {event.event_id}: {fault}")
         return event
 
     def _evolve(self, event: Event) -> ScopeState:

@@ -273,6 +273,12 @@ def rollback_restores_another_state(lines: list[Line]) -> tuple[list[Line], int]
     return rehash(lines, index), index + 1
 
 
+def untrue_before(lines: list[Line]) -> tuple[list[Line], int]:
+    index = next(i for i, obj in enumerate(lines) if obj["action"] == "submit_bid")
+    lines[index]["before"]["bid"] = {"initials": "ZZ", "days": ["2026-07-09"]}
+    return rehash(lines, index), index + 1
+
+
 def digest_not_hex(lines: list[Line]) -> tuple[list[Line], int]:
     lines[2]["message_digest"] = "zz"
     return rehash(lines, 2), 3
@@ -315,6 +321,7 @@ Mutation = Callable[[list[Line]], tuple[list[Line], int]]
         (digest_not_hex, "message_digest is not 64 lowercase hex digits"),
         (year_out_of_range, "bid_year 1999 is outside 2000-2100"),
         (unknown_action, "unknown action 'frobnicate'"),
+        (untrue_before, "its `before` is not what its scope held before it"),
     ],
 )
 async def test_a_broken_or_forged_export_is_refused_naming_the_line(

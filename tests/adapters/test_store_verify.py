@@ -195,6 +195,31 @@ async def test_a_rehashed_rollback_restoring_a_state_the_scope_never_had_is_caug
     assert caught.value.details == {"event_id": 13}
 
 
+@pytest.mark.parametrize(
+    ("event_id", "statement"),
+    [
+        (6, "UPDATE events SET before = "
+            """'{"bid":{"days":["2026-07-09"],"initials":"AB"},"round":1}' WHERE event_id = 6"""),
+         # AB had no bid in round 1 before
+        (9, """UPDATE events SET before = '{"round":1,"status":"finalized"}' WHERE event_id = 9"""),
+        (13, "UPDATE events SET before = json_set(before, '$.users[0].name', 'Forged') "
+             "WHERE event_id = 13"),  # the state the rollback replaced
+    ],
+)  # fmt: skip
+async def test_a_rehashed_event_whose_before_is_untrue_is_caught(
+    tmp_path: Path, event_id: int, statement: str
+) -> None:
+    """Replay reads only ``after``: a changed ``before`` passes every hash and snapshot
+    once re-hashed, but it is no longer what the scope held."""
+    db = tmp_path / "db.sqlite3"
+    await build(db)
+    tamper(db, statement)
+    rehash_from(db, event_id)
+    with pytest.raises(IntegrityError, match="its `before` is not what its scope held") as caught:
+        await verify(db)
+    assert caught.value.details == {"event_id": event_id}
+
+
 async def test_a_damaged_index_is_caught_though_every_event_checks_out(tmp_path: Path) -> None:
     db = tmp_path / "db.sqlite3"
     await build(db)

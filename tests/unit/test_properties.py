@@ -32,6 +32,7 @@ from hypothesis import strategies as st
 
 from domain import index as indexes
 from domain.commands import Command, Rollback, Seniority
+from domain.deltas import before_fault
 from domain.errors import DomainError
 from domain.events import SNAPSHOT_ACTIONS, SYSTEM_ACTOR, Event
 from domain.evolve import evolve, replay
@@ -311,6 +312,8 @@ def check_fold(run: Run) -> None:
         events = [e.event for e in entries]
         state: ScopeState | None = None
         for entry in entries:
+            # What verify and import check of each stored event: its ``before`` is true.
+            assert before_fault(state, roundtrip(entry.event)) is None, entry.event
             state = evolve(state, entry.event)
             assert state == entry.state
         assert replay(None, events) == run.ledger.state(key)

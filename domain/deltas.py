@@ -25,7 +25,7 @@ def before_fault(state: ScopeState | None, event: Event) -> str | None:
     if it is, or if the event is not one ``decide`` writes a ``before`` for."""
     try:
         expected = _expected(state, event)
-    except (KeyError, TypeError, ValueError):  # an ``after`` of the wrong shape
+    except Exception:  # a delta of the wrong shape (a list where a dict goes, say)
         return "its delta is not of the shape its action writes"
     if expected is _FREE:
         return None

@@ -276,11 +276,13 @@ class Replay:
             return
         data = bytes(self._out)
         self._out.clear()
-        with anyio.CancelScope(shield=True) as self._in_send:
-            if self._again is not None:
-                self._in_send.cancel()
-            await stream.send(data)
-        self._in_send = None
+        try:
+            with anyio.CancelScope(shield=True) as self._in_send:
+                if self._again is not None:
+                    self._in_send.cancel()
+                await stream.send(data)
+        finally:
+            self._in_send = None
 
     async def _send_all(self, stream: anyio.abc.ByteStream) -> None:
         out = self._out

@@ -220,6 +220,19 @@ async def test_a_rehashed_event_whose_before_is_untrue_is_caught(
     assert caught.value.details == {"event_id": event_id}
 
 
+@pytest.mark.parametrize("before", ["[1]", '"text"', '{"round":1,"bid":[1]}'])
+async def test_a_rehashed_delta_of_the_wrong_shape_is_an_integrity_error(
+    tmp_path: Path, before: str
+) -> None:
+    db = tmp_path / "db.sqlite3"
+    await build(db)
+    tamper(db, f"UPDATE events SET before = '{before}' WHERE event_id = 14")  # a withdraw_bid
+    rehash_from(db, 14)
+    with pytest.raises(IntegrityError, match="event 14") as caught:
+        await verify(db)
+    assert caught.value.details == {"event_id": 14}
+
+
 async def test_a_damaged_index_is_caught_though_every_event_checks_out(tmp_path: Path) -> None:
     db = tmp_path / "db.sqlite3"
     await build(db)

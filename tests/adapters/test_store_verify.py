@@ -46,6 +46,20 @@ def rehash_from(db: Path, first: int) -> None:
             )
 
 
+async def forged(
+    tmp_path: Path, first: int, *statements: str
+) -> pytest.ExceptionInfo[IntegrityError]:
+    """Build the scenario's log, change it with ``statements`` and re-hash the chain from
+    event ``first`` on, as a careful forger would; what ``verify`` raises on it."""
+    db = tmp_path / "db.sqlite3"
+    await build(db)
+    tamper(db, *statements)
+    rehash_from(db, first)
+    with pytest.raises(IntegrityError) as caught:
+        await verify(db)
+    return caught
+
+
 async def verify(db: Path, *, writer: bool = True) -> dict[str, int]:
     store = await SqliteStore.open(db, writer=writer)
     try:
@@ -103,23 +117,20 @@ async def test_tampering_is_caught_at_the_first_bad_event(
 
 
 async def test_a_rehashed_forgery_is_caught_by_the_next_snapshot(tmp_path: Path) -> None:
-    db = tmp_path / "db.sqlite3"
-    await build(db)
-    tamper(db, "UPDATE events SET after = replace(after, '2026-07-03', '2026-07-04') "
-               "WHERE event_id = 7")  # fmt: skip
-    rehash_from(db, 7)
-    with pytest.raises(IntegrityError, match="snapshot of event 9 differs") as caught:
-        await verify(db)
+    caught = await forged(
+        tmp_path,
+        7,
+        "UPDATE events SET after = replace(after, '2026-07-03', '2026-07-04') WHERE event_id = 7",
+    )
+    assert caught.match("snapshot of event 9 differs")
     assert caught.value.details == {"event_id": 9}
 
 
 async def test_a_delta_that_does_not_replay_is_caught(tmp_path: Path) -> None:
-    db = tmp_path / "db.sqlite3"
-    await build(db)
-    tamper(db, "UPDATE events SET after = '{\"nonsense\":1}' WHERE event_id = 2")
-    rehash_from(db, 2)
-    with pytest.raises(IntegrityError, match="event 2 does not replay") as caught:
-        await verify(db)
+    caught = await forged(
+        tmp_path, 2, "UPDATE events SET after = '{\"nonsense\":1}' WHERE event_id = 2"
+    )
+    assert caught.match("event 2 does not replay")
     assert caught.value.details == {"event_id": 2}
 
 
@@ -146,12 +157,8 @@ async def test_a_rehashed_event_nobody_could_have_sent_is_caught(
     tmp_path: Path, statement: str, message: str
 ) -> None:
     """A forger who re-hashes the chain passes every hash; the role rules still tell."""
-    db = tmp_path / "db.sqlite3"
-    await build(db)
-    tamper(db, statement)
-    rehash_from(db, 2)
-    with pytest.raises(IntegrityError, match=message) as caught:
-        await verify(db)
+    caught = await forged(tmp_path, 2, statement)
+    assert caught.match(message)
     assert caught.value.details == {"event_id": 2}
 
 
@@ -166,12 +173,11 @@ async def test_a_rehashed_event_nobody_could_have_sent_is_caught(
 async def test_a_rehashed_rollback_to_an_event_it_could_not_target_is_caught(
     tmp_path: Path, detail: str, message: str
 ) -> None:
-    db = tmp_path / "db.sqlite3"
-    await build(db)
-    tamper(db, f"UPDATE events SET detail = '{detail}' WHERE event_id = 13")  # North's rollback
-    rehash_from(db, 13)
-    with pytest.raises(IntegrityError, match=message) as caught:
-        await verify(db)
+    # Event 13 is North's rollback to event 7.
+    caught = await forged(
+        tmp_path, 13, f"UPDATE events SET detail = '{detail}' WHERE event_id = 13"
+    )
+    assert caught.match(message)
     assert caught.value.details == {"event_id": 13}
 
 
@@ -180,18 +186,15 @@ async def test_a_rehashed_rollback_restoring_a_state_the_scope_never_had_is_caug
 ) -> None:
     """The forger changes the restored state and its snapshot alike: every hash and the
     snapshot check pass; the state at the rollback's target still tells."""
-    db = tmp_path / "db.sqlite3"
-    await build(db)
-    tamper(
-        db,
+    caught = await forged(
+        tmp_path,
+        13,
         "UPDATE events SET after = json_set(after, '$.users[0].name', 'Forged') "
         "WHERE event_id = 13",
         "UPDATE snapshots SET state = json_set(state, '$.users[0].name', 'Forged') "
         "WHERE event_id = 13",
     )
-    rehash_from(db, 13)
-    with pytest.raises(IntegrityError, match="not the scope's at event 7") as caught:
-        await verify(db)
+    assert caught.match("not the scope's at event 7")
     assert caught.value.details == {"event_id": 13}
 
 
@@ -211,12 +214,8 @@ async def test_a_rehashed_event_whose_before_is_untrue_is_caught(
 ) -> None:
     """Replay reads only ``after``: a changed ``before`` passes every hash and snapshot
     once re-hashed, but it is no longer what the scope held."""
-    db = tmp_path / "db.sqlite3"
-    await build(db)
-    tamper(db, statement)
-    rehash_from(db, event_id)
-    with pytest.raises(IntegrityError, match="its `before` is not what its scope held") as caught:
-        await verify(db)
+    caught = await forged(tmp_path, event_id, statement)
+    assert caught.match("its `before` is not what its scope held")
     assert caught.value.details == {"event_id": event_id}
 
 
@@ -224,12 +223,11 @@ async def test_a_rehashed_event_whose_before_is_untrue_is_caught(
 async def test_a_rehashed_delta_of_the_wrong_shape_is_an_integrity_error(
     tmp_path: Path, before: str
 ) -> None:
-    db = tmp_path / "db.sqlite3"
-    await build(db)
-    tamper(db, f"UPDATE events SET before = '{before}' WHERE event_id = 14")  # a withdraw_bid
-    rehash_from(db, 14)
-    with pytest.raises(IntegrityError, match="event 14") as caught:
-        await verify(db)
+    # Event 14 is a withdraw_bid.
+    caught = await forged(
+        tmp_path, 14, f"UPDATE events SET before = '{before}' WHERE event_id = 14"
+    )
+    assert caught.match("event 14")
     assert caught.value.details == {"event_id": 14}
 
 

@@ -8,10 +8,10 @@ import time
 from collections import deque
 from typing import NoReturn
 
-from adapters.canonical import canonical, chain_hash
+from adapters.canonical import chain_hash
 from adapters.sqlite_reads import belongs, events_after, head, point
 from adapters.sqlite_rows import Head, Row, decode_state, event_dict, row_event
-from domain.deltas import before_fault
+from domain.deltas import before_fault, is_restorable_part
 from domain.errors import IntegrityError
 from domain.events import SCHEMA_VERSION, Event, authorship_fault
 from domain.evolve import evolve
@@ -171,9 +171,7 @@ def rollback_fault(conn: sqlite3.Connection, event: Event, sound: set[int]) -> s
     if not belongs(conn, event.scope, to_event):
         return f"rollback to event {to_event}, which is not an event of its scope"
     found = point(conn, event.scope, to_event, sound, check_hashes=False)
-    state = None if found is None else found.state
-    restored = None if state is None else canonical({"users": state.users, "rounds": state.rounds})
-    if restored is None or restored != canonical(event.after):  # as scope_data's builtins
+    if found is None or not is_restorable_part(event.after, found.state):
         return f"the state it restores is not the scope's at event {to_event}"
     return None
 

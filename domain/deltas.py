@@ -31,10 +31,16 @@ def before_fault(state: ScopeState | None, event: Event) -> str | None:
         return None
     if expected is _ROLLBACK:
         assert state is not None
-        same = _ENCODE(event.before) == _ENCODE({"users": state.users, "rounds": state.rounds})
+        same = is_restorable_part(event.before, state)
     else:
         same = event.before == expected
     return None if same else "its `before` is not what its scope held before it"
+
+
+def is_restorable_part(data: Any, state: ScopeState) -> bool:
+    """Whether ``data`` (builtins, as read back from an event) is ``scope_data(state)``,
+    the users and rounds a rollback replaces and restores: compared as canonical JSON."""
+    return _ENCODE(data) == _ENCODE({"users": state.users, "rounds": state.rounds})
 
 
 _FREE = object()  # nothing to compare (the replay checks the rest)

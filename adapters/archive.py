@@ -45,7 +45,7 @@ from adapters.sqlite_schema import (
     schema_sql,
 )
 from adapters.sqlite_store import SqliteStore
-from adapters.sqlite_verify import Verifier, rollback_fault
+from adapters.sqlite_verify import Tick, Verifier, rollback_fault
 from domain.deltas import before_fault
 from domain.errors import IntegrityError
 from domain.events import SNAPSHOT_ACTIONS, Event, authorship_fault
@@ -123,13 +123,17 @@ async def export_lines(store: SqliteStore) -> AsyncIterator[bytes]:
 
 
 def import_export(
-    lines: Iterable[bytes], target: Path, stop: threading.Event | None = None
+    lines: Iterable[bytes],
+    target: Path,
+    stop: threading.Event | None = None,
+    tick: Tick | None = None,
 ) -> dict[str, int]:
     """Rebuild a new database at ``target`` from export ``lines``: ``{events, snapshots}``.
 
     Takes ``target``'s writer lock, refuses a target that exists and is not empty, and
     raises ``BadLine`` naming the first line that is not a faithful continuation of the
-    log. Nothing is left at ``target`` unless the whole file checked out.
+    log. Nothing is left at ``target`` unless the whole file checked out. ``tick``
+    hears ``("reading", lines, None)`` every 1,024 lines, then the final verify's steps.
     """
     if not target.parent.is_dir():
         raise ArchiveError(f"cannot create {target}: no directory {target.parent}")
@@ -137,7 +141,7 @@ def import_export(
     try:
         _require_new(target)
         with temporary_beside(target) as tmp:
-            counts = _build(lines, tmp, stop)
+            counts = _build(lines, tmp, stop, tick)
             _require_new(target)
             _check(stop)
             publish(tmp, target)
@@ -151,7 +155,9 @@ def _require_new(target: Path) -> None:
         raise ArchiveError(f"{target} already exists and is not empty; import builds a new one")
 
 
-def _build(lines: Iterable[bytes], tmp: Path, stop: threading.Event | None) -> dict[str, int]:
+def _build(
+    lines: Iterable[bytes], tmp: Path, stop: threading.Event | None, tick: Tick | None
+) -> dict[str, int]:
     conn = sqlite3.connect(tmp, isolation_level=None)
     try:
         # The file is thrown away unless everything succeeds: no journal, no syncs until
@@ -164,10 +170,13 @@ def _build(lines: Iterable[bytes], tmp: Path, stop: threading.Event | None) -> d
         for number, raw in enumerate(lines, 1):
             if number % 1024 == 0:
                 _check(stop)
+                if tick is not None:
+                    tick("reading", number, None)
             if raw.strip():
                 loader.load(number, raw)
         conn.execute("COMMIT")
-        counts = verify_connection(conn, rollbacks=False)  # the loader checked them
+        # What rollbacks restore, the loader checked.
+        counts = verify_connection(conn, rollbacks=False, stop=stop, tick=tick)
         conn.execute("PRAGMA journal_mode = WAL")  # what the store would have set
         return counts
     finally:
@@ -288,10 +297,13 @@ def _to_event(number: int, obj: dict[str, Any]) -> Event:
 # -- backup ----------------------------------------------------------------------------
 
 
-def backup(db: Path, out: Path, stop: threading.Event | None = None) -> dict[str, int]:
+def backup(
+    db: Path, out: Path, stop: threading.Event | None = None, tick: Tick | None = None
+) -> dict[str, int]:
     """Copy the live database ``db`` to ``out`` with SQLite's online backup (one read
     transaction: a consistent point, while a writer keeps appending); verify the copy,
-    then rename it into place. Returns the copy's ``{events, snapshots}``."""
+    then rename it into place. Returns the copy's ``{events, snapshots}``. ``tick``
+    hears ``("copying", 0, None)`` once, then the verify's steps."""
     if not db.is_file():
         raise ArchiveError(f"no database at {db}")
     refuse_hard_links(db)
@@ -300,7 +312,7 @@ def backup(db: Path, out: Path, stop: threading.Event | None = None) -> dict[str
         source = sqlite3.connect(_read_only_uri(db), uri=True, isolation_level=None)
         try:
             prepare_reader(source, db)
-            counts = _copy(source, tmp, out, db, stop)
+            counts = _copy(source, tmp, out, db, stop, tick)
         finally:
             source.close()
         _check(stop)
@@ -309,7 +321,12 @@ def backup(db: Path, out: Path, stop: threading.Event | None = None) -> dict[str
 
 
 def _copy(
-    source: sqlite3.Connection, tmp: Path, out: Path, db: Path, stop: threading.Event | None
+    source: sqlite3.Connection,
+    tmp: Path,
+    out: Path,
+    db: Path,
+    stop: threading.Event | None,
+    tick: Tick | None,
 ) -> dict[str, int]:
     try:
         copy = sqlite3.connect(tmp, isolation_level=None)
@@ -318,9 +335,12 @@ def _copy(
     try:
         # Every page in one step, one read transaction: a consistent point. (In steps, a
         # commit in between restarts the copy.) A signal is noticed after it.
+        if tick is not None:
+            tick("copying", 0, None)
         source.backup(copy)
         _check(stop)
-        return verify_connection(copy, f"the copy of {db} (run bidlog verify on it)")
+        what = f"the copy of {db} (run bidlog verify on it)"
+        return verify_connection(copy, what, stop=stop, tick=tick)
     finally:
         copy.close()
 
@@ -377,15 +397,23 @@ def _header(path: Path) -> bytes:
 
 
 def verify_connection(
-    conn: sqlite3.Connection, what: str = "the new database", *, rollbacks: bool = True
+    conn: sqlite3.Connection,
+    what: str = "the new database",
+    *,
+    rollbacks: bool = True,
+    stop: threading.Event | None = None,
+    tick: Tick | None = None,
 ) -> dict[str, int]:
-    """The store's ``verify`` on a plain connection; ``ArchiveError`` if it fails.
-    (``rollbacks=False``: what rollbacks restore was checked already.)"""
+    """The store's ``verify`` on a plain connection; ``ArchiveError`` if it fails,
+    ``Interrupted`` once ``stop`` is set. (``rollbacks=False``: what rollbacks restore
+    was checked already.)"""
     verifier = Verifier(rollbacks=rollbacks)
     try:
         verifier.start(conn)
         while verifier.step(conn):
-            pass
+            _check(stop)
+            if tick is not None:
+                tick("checking", verifier.checked, verifier.upto)
     except IntegrityError as exc:
         raise ArchiveError(f"{what} does not verify: {exc.message}") from exc
     return verifier.result()

@@ -36,7 +36,7 @@ from adapters.sqlite_schema import (
     prepare_writer,
     refuse_hard_links,
 )
-from adapters.sqlite_verify import Verifier, check_tail
+from adapters.sqlite_verify import Tick, Verifier, check_tail
 from domain.errors import PersistenceFailed
 from domain.records import Ack, Batch, Recovered, StoredAlready
 from domain.state import ScopeKey, ScopeState
@@ -298,18 +298,19 @@ class SqliteStore:
         """Raise ``IntegrityError`` unless the newest ``count`` events chain to the head."""
         await self._read(check_tail, count)
 
-    async def verify(self) -> dict[str, int]:
+    async def verify(self, tick: Tick | None = None) -> dict[str, int]:
         """``{events, snapshots}``; raises ``IntegrityError`` naming the first bad event.
 
         Checks the chain end to end, recomputes every snapshot by replay from the
         previous one, and the snapshot rows against their events; one hop per
         chunk of events, so appends can interleave (the pass stops at the head it saw
-        first).
+        first). ``tick`` hears ``("checking", checked, last)`` after each chunk.
         """
         verifier = Verifier(self._head if self._lock is not None else None)
         await self._read(verifier.start)
         while await self._read(verifier.step):
-            pass
+            if tick is not None:
+                tick("checking", verifier.checked, verifier.upto)
         return verifier.result()
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import sqlite3
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import NoReturn
 
 from adapters.canonical import chain_hash
@@ -18,6 +19,9 @@ from domain.evolve import evolve
 from domain.state import ScopeKey, ScopeState
 
 CHUNK = 2000
+Tick = Callable[[str, int, int | None], None]
+"""Told how long work is going: ``(phase, done, total or None)``, e.g. ``("checking",
+checked, upto)`` after each step of a verify. The caller draws progress with it."""
 STEP_SECONDS = 0.05  # a step gives the database thread back after this (rollback reads)
 
 _STRAY_SNAPSHOT = """

@@ -24,6 +24,7 @@ from adapters import archive
 from adapters.sqlite_schema import StoreError
 from domain.errors import DomainError, IntegrityError
 from worker.bootstrap import Settings, open_store, serving
+from worker.progress import Progress
 from worker.replay import Replay, ReplayError, Source, report
 
 T = TypeVar("T")
@@ -49,7 +50,7 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
         help="write the audit log as NDJSON (reads only)",
         description="Write every event in event_id order as canonical NDJSON, with the "
         "full state on snapshot events: the file alone rebuilds the database. Reads "
-        "only; works while a worker serves.",
+        "only; works while a worker serves. Progress on stderr while it is a terminal.",
     )
     export.add_argument(
         "--out",
@@ -65,7 +66,8 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
         description="Rebuild a new database (--db, which must not exist or be empty) from "
         "an export file, keeping ids, times and hashes. Every line's hash chain and every "
         "snapshot (recomputed by replay) is checked; a bad line is refused, naming it, "
-        "and no database is left behind. Prints {events, snapshots} on stdout.",
+        "and no database is left behind. Prints {events, snapshots} on stdout; progress "
+        "on stderr while it is a terminal.",
     )
     restore.add_argument("file", metavar="FILE", help="the export file ('-' for stdin)")
     restore.set_defaults(handler=run_import)
@@ -76,7 +78,8 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
         description="Check the hash chain end to end and every snapshot by replay. Prints "
         '{"events": n, "snapshots": m} and exits 0, or prints the integrity_error '
         "(code, message, details naming the first bad event) on stdout, a one-line "
-        "message on stderr, and exits 1. Reads only.",
+        "message on stderr, and exits 1. Reads only. Progress on stderr while it is a "
+        "terminal.",
     )
     verify.set_defaults(handler=run_verify)
     backup = sub.add_parser(
@@ -85,7 +88,8 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
         help="copy a live database consistently (online backup)",
         description="Copy the database with SQLite's online backup API (a consistent "
         "point, while a worker keeps serving), verify the copy, then rename it to FILE. "
-        "Prints the copy's {events, snapshots, out} on stdout.",
+        "Prints the copy's {events, snapshots, out} on stdout; progress on stderr while "
+        "it is a terminal.",
     )
     backup.add_argument("--out", type=file_argument, required=True, metavar="FILE", help="the copy")
     backup.set_defaults(handler=run_backup)
@@ -262,11 +266,14 @@ async def run_export(args: argparse.Namespace) -> int:
 
 
 async def _export(store: Any, out: IO[bytes]) -> int:
-    count = 0
-    async for line in archive.export_lines(store):
-        write_out(line, out, flush=False)
-        count += 1
-    out.flush()
+    count, total = 0, (await store.head()).event_id
+    with Progress.on_terminal("export") as progress:
+        async for line in archive.export_lines(store):
+            write_out(line, out, flush=False)
+            count += 1
+            if count % 1000 == 0:
+                progress.show("writing", count, total)
+        out.flush()
     return count
 
 
@@ -287,10 +294,28 @@ async def run_import(args: argparse.Namespace) -> int:
 
 
 def _import(name: str, target: Path, stop: threading.Event) -> dict[str, int]:
-    if name == "-":
-        return archive.import_export(sys.stdin.buffer, target, stop)
-    with open(name, "rb") as lines:
-        return archive.import_export(lines, target, stop)
+    with Progress.on_terminal("import") as progress:
+        if name == "-":
+            return archive.import_export(sys.stdin.buffer, target, stop, progress.show)
+        with open(name, "rb") as lines:
+            return archive.import_export(lines, target, stop, _reading(lines, progress))
+
+
+def _reading(file: IO[bytes], progress: Progress) -> Callable[[str, int, int | None], None]:
+    """``progress.show``, with how much of ``file`` is read while its lines are (an
+    export's lines vary in size: bytes tell the ETA, lines would not)."""
+    try:
+        size = os.fstat(file.fileno()).st_size
+    except OSError:
+        size = 0
+
+    def tick(phase: str, done: int, total: int | None) -> None:
+        if phase == "reading" and size:
+            progress.show("reading", done, noun="lines", fraction=file.tell() / size)
+        else:
+            progress.show(phase, done, total, noun="lines" if phase == "reading" else "events")
+
+    return tick
 
 
 def _outcome(work: Callable[[], T]) -> tuple[T | None, Exception | None]:
@@ -343,7 +368,8 @@ class _Stop:
 async def run_verify(args: argparse.Namespace) -> int:
     store = await open_store(settings_of(args), writer=False)
     try:
-        counts = await store.verify()
+        with Progress.on_terminal("verify") as progress:
+            counts = await store.verify(progress.show)
     except IntegrityError as exc:
         _print_json({"code": exc.code, "message": exc.message, "details": exc.details})
         first = exc.details.get("event_id")
@@ -360,10 +386,15 @@ async def run_verify(args: argparse.Namespace) -> int:
 async def run_backup(args: argparse.Namespace) -> int:
     stopping = _Stop()
     try:
-        counts = await stopping.run(lambda: archive.backup(args.db, args.out, stopping.event))
+        counts = await stopping.run(lambda: _backup(args.db, args.out, stopping.event))
     except archive.Interrupted:
         return stopping.report(f"backup: stopped by {stopping.name}; {args.out} is unchanged")
     except (archive.ArchiveError, StoreError, OSError, sqlite3.Error) as exc:
         return _fail(f"backup: {exc}")
     _print_json({**counts, "out": str(args.out)})
     return 0
+
+
+def _backup(db: Path, out: Path, stop: threading.Event) -> dict[str, int]:
+    with Progress.on_terminal("backup") as progress:
+        return archive.backup(db, out, stop, progress.show)

@@ -41,6 +41,16 @@ def example_db(tmp_path: Path) -> Path:
     return db
 
 
+@pytest.fixture(scope="module")
+def big(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A database of 40,000 events, and its export: long enough work to be seen."""
+    where = tmp_path_factory.mktemp("big")
+    db, export = where / "big.sqlite3", where / "big.ndjson"
+    assert bidlog("serve", "--db", db, stdin=many_commands(40_000)).returncode == 0
+    assert bidlog("export", "--db", db, "--out", export).returncode == 0
+    return db, export
+
+
 def summary(done: subprocess.CompletedProcess[bytes]) -> dict[str, Any]:
     assert b"Traceback" not in done.stderr, done.stderr.decode()
     result: dict[str, Any] = msgspec.json.decode(done.stdout)
@@ -363,13 +373,11 @@ def test_export_import_round_trip(example_db: Path, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_import_stopped_by_a_signal_leaves_nothing_and_says_so(
-    tmp_path: Path, signum: signal.Signals
+    big: tuple[Path, Path], tmp_path: Path, signum: signal.Signals
 ) -> None:
     """Ctrl-C used to wait for the import's end, then exit 130 with a complete database
     in place and not a word (fourth audit)."""
-    db, export = tmp_path / "b.sqlite3", tmp_path / "log.ndjson"
-    bidlog("serve", "--db", db, stdin=many_commands(40_000))
-    assert bidlog("export", "--db", db, "--out", export).returncode == 0
+    _, export = big
     target = tmp_path / "new" / "rebuilt.sqlite3"
     target.parent.mkdir()
     with subprocess.Popen(
@@ -567,3 +575,59 @@ def test_backup_export_and_verify_while_a_worker_serves_and_writes(
     assert bidlog("export", "--db", copy).stdout == b"".join(final[: counts["events"]])
     assert exported.stdout == b"".join(final[: len(exported.stdout.splitlines())])
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+# -- progress on a terminal ------------------------------------------------------------
+
+
+def on_terminal(tmp_path: Path, *args: str | Path) -> tuple[int, bytes, str]:
+    """Run ``bidlog ARGS`` with stderr on a pseudo-terminal (stdout a file): the exit
+    status, stdout, and everything written to the terminal."""
+    master, slave = pty.openpty()
+    stdout = tmp_path / "stdout"
+    with stdout.open("wb") as out:
+        proc = subprocess.Popen([str(BIN), *map(str, args)], stdout=out, stderr=slave)
+    os.close(slave)
+    seen = b""
+    try:
+        while chunk := os.read(master, 65536):
+            seen += chunk
+    except OSError:  # EIO: every writer of the terminal has closed it
+        pass
+    finally:
+        os.close(master)
+        status = proc.wait(60)
+    return status, stdout.read_bytes(), seen.decode()
+
+
+@pytest.mark.parametrize(
+    ("command", "shows"),
+    [
+        (["verify"], "verify: checking 2,000 of {total:,} events"),
+        (["export", "--out", "{tmp}/out.ndjson"], "export: writing 1,000 of {total:,} events"),
+        (["import", "{export}", "--db", "{tmp}/new.sqlite3"], "import: reading 1,024 lines"),
+        (["backup", "--out", "{tmp}/copy.sqlite3"], "backup: copying"),
+    ],
+)
+def test_long_commands_show_progress_on_a_terminal_and_erase_it(
+    big: tuple[Path, Path], tmp_path: Path, command: list[str], shows: str
+) -> None:
+    """A verify of 500,000 events took 12 s, an import 24 s, with not a word on the
+    terminal. Progress goes to stderr, only when it is a terminal, and is erased before
+    the result; stdout is the same either way."""
+    db, export = big
+    args = [part.format(tmp=tmp_path, export=export) for part in command]
+    if command[0] != "import":
+        args += ["--db", str(db)]
+    status, out, terminal = on_terminal(tmp_path, *args)
+    assert status == 0, terminal
+    total = _events(db)
+    drawn = terminal.split("\r\x1b[K")
+    assert drawn[1].startswith(shows.format(total=total)), terminal
+    result = f"bidlog: exported {total} events to {tmp_path}/out.ndjson\r\n"
+    assert drawn[-1] in ("", result), terminal  # the line erased before the result
+    for made in tmp_path.iterdir():
+        made.unlink()  # the command's output, and the file its stdout went to
+    piped = bidlog(*args)
+    assert piped.returncode == 0 and piped.stdout == out
+    assert "\r" not in piped.stderr.decode()

@@ -7,13 +7,14 @@ to echo the message id when it is usable (PROTOCOL sections 3, 4 and 8).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from typing import Any
 
 import msgspec
 
-from adapters.canonical import digest
+from adapters.canonical import canonical
 from domain.commands import (
     AREA_PATTERN,
     INITIALS_PATTERN,
@@ -83,8 +84,69 @@ def decode(line: bytes) -> Decoded:
         raise _malformed(exc, line) from None
     except RecursionError:
         raise _too_deep(line) from None
-    # A command encodes back to exactly the canonical form of the line (see BaseCommand).
-    return Decoded(message, digest(message) if isinstance(message, BaseCommand) else None)
+    # A command encodes back to exactly the canonical form of the line (see BaseCommand),
+    # but for a repeated key: the decoder keeps its last value and drops the others, so
+    # the canonical form has fewer quote characters than the line. Only a \u escape in
+    # the line can add one (\u0022 is written back as \"): then look in full. A query
+    # (rare, and with defaults its line lacks) is always looked at in full.
+    canon = canonical(message) if isinstance(message, BaseCommand) else None
+    if canon is None or canon.count(b'"') < line.count(b'"') or b"\\u" in line:
+        _refuse_duplicate_keys(line, message.id)
+    return Decoded(message, None if canon is None else hashlib.sha256(canon).hexdigest())
+
+
+class _Object(list[tuple[str, Any]]):
+    """A JSON object as its key-value pairs in order, repeated keys kept."""
+
+
+def duplicate_key(line: bytes) -> str | None:
+    """The path of the first key repeated in an object of ``line`` (valid JSON), if any.
+
+    JSON leaves repeated names' meaning open and decoders keep the last value, so a
+    message ``{"role": "system", "role": "admin"}`` would act as admin with the claim
+    ignored, and its digest would not be of the message as sent: refused instead, as
+    unknown fields are."""
+    try:
+        tree = json.loads(line, object_pairs_hook=_Object)
+        return _first_duplicate(tree, "$")
+    except (ValueError, RecursionError):  # not for here to judge: the decoder does
+        return None
+
+
+def _first_duplicate(node: Any, path: str) -> str | None:
+    if isinstance(node, _Object):
+        seen: set[str] = set()
+        for key, value in node:
+            if key in seen:
+                return _child(path, key)
+            seen.add(key)
+            found = _first_duplicate(value, _child(path, key))
+            if found is not None:
+                return found
+    elif isinstance(node, list):
+        for index, item in enumerate(node):
+            found = _first_duplicate(item, f"{path}[{index}]")
+            if found is not None:
+                return found
+    return None
+
+
+def _refuse_duplicate_keys(line: bytes, message_id: str | None) -> None:
+    failure = _duplicated(line, message_id)
+    if failure is not None:
+        raise failure
+
+
+def _duplicated(line: bytes, message_id: str | None) -> DecodeFailure | None:
+    path = duplicate_key(line)
+    if path is None:
+        return None
+    return DecodeFailure(
+        "invalid_message",
+        f"a key may appear once in an object: {path} appears twice",
+        _at(path),
+        None if path == "$.id" else message_id,  # two ids: neither is usable
+    )
 
 
 def _classify(line: bytes, error: str) -> DecodeFailure:
@@ -102,6 +164,9 @@ def _classify(line: bytes, error: str) -> DecodeFailure:
     except RecursionError:
         return _too_deep(line)
     message_id = _usable_id(envelope.get("id"))
+    repeated = _duplicated(line, message_id)
+    if repeated is not None:
+        return repeated
     if message_id is None:
         return DecodeFailure(
             "invalid_message", "`id` must be a string of 1 to 128 characters", _at("$.id"), None

@@ -302,14 +302,62 @@ def test_a_type_outside_the_protocol_is_unknown(type_: str) -> None:
     assert (error.code, error.message_id, error.details) == ("unknown_type", "m-1", {"type": type_})
 
 
-def test_a_duplicate_key_counts_with_its_last_value_but_every_value_must_be_valid() -> None:
-    assert decode(b'{"id":"m-1","id":"m-2","type":"verify"}').message == Verify(id="m-2")
-    error = failure(b'{"id":5,"id":"m-2","type":"verify"}')
+SYSTEM_THEN_ADMIN = b'"role": "system", "role": "admin"'
+
+
+@pytest.mark.parametrize(
+    ("line", "path", "message_id"),
+    [
+        (raw({**command("create_area")})[:-1] + b',"area":"South"}', "$.area", "m-1"),
+        (b'{"id":"m-1","id":"m-2","type":"verify"}', "$.id", None),  # which id? neither
+        (b'{"id":5,"id":"m-2","type":"verify"}', "$.id", None),
+        (b'{"id":"m-1","type":"nope","type":"verify"}', "$.type", "m-1"),  # either order,
+        (b'{"id":"m-1","type":"verify","type":"nope"}', "$.type", "m-1"),  # the same answer
+        (b'{"id":"m-1","type":"verify","type":"verify"}', "$.type", "m-1"),
+        (b'{"id":"q","type":"get_state","bid_year":2026,"area":"N","at_event":1,"at_event":null}',
+         "$.at_event", "q"),
+        (raw(command("create_area")).replace(b'"role": "admin"', SYSTEM_THEN_ADMIN),
+         "$.actor.role", "m-1"),
+        (raw(command("submit_bid", round=1, initials="AB", days=["2026-07-01"])).replace(
+            b'"days"', b'"days":["2026-07-02"],"days"'), "$.days", "m-1"),
+        # Escapes that add quote characters when written back must not hide one.
+        (raw({**command("create_area"), "cause": {"id": "T", "description": '""""'}})
+         .replace(b'\\"', b"\\u0022")[:-1] + b',"area":"South"}', "$.area", "m-1"),
+        (b'{"id":"m-1","type":"verify","x":{"a":1,"b":[{"c":1,"c":2}]}}', "$.x.b[0].c", "m-1"),
+    ],
+)  # fmt: skip
+def test_a_key_repeated_in_an_object_is_refused_naming_it(
+    line: bytes, path: str, message_id: str | None
+) -> None:
+    """Decoders keep a repeated key's last value: a "system" role claim followed by
+    "admin" acted as admin, and left no trace in the log (fifth audit)."""
+    error = failure(line)
     assert (error.code, error.message_id, error.details) == (
         "invalid_message",
-        "m-2",
-        {"path": "$.id"},
+        message_id,
+        {"path": path},
     )
+    assert "appears twice" in error.message
+
+
+@given(command_lines(), st.data())
+def test_any_key_of_a_command_given_twice_is_refused(line: bytes, data: st.DataObject) -> None:
+    """Whatever the key, the text and its escapes, and whichever value comes last."""
+    body = json.loads(line)
+    key = data.draw(st.sampled_from(sorted(body)))
+    again = json.dumps(data.draw(st.sampled_from([body[key], None, "x", 1])))
+    ascii_only = data.draw(st.booleans())
+    first = json.dumps(body, ensure_ascii=ascii_only).encode()
+    twice = first[:-1] + f', "{key}": {again}}}'.encode()
+    error = failure(twice)
+    assert (error.code, error.details) == ("invalid_message", {"path": f"$.{key}"})
+
+
+def test_escapes_alone_are_not_taken_for_a_repeated_key() -> None:
+    body = {**command("create_area"), "cause": {"id": "T", "description": 'say "hi" \\u'}}
+    line = json.dumps(body, ensure_ascii=True).encode().replace(b"say", b"\\u0073ay")
+    assert b"\\u" in line
+    assert decode(line).digest == digest(body)
 
 
 def test_a_deeply_nested_line_is_refused_without_crashing() -> None:

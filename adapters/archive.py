@@ -48,7 +48,7 @@ from adapters.sqlite_store import SqliteStore
 from adapters.sqlite_verify import Tick, Verifier, rollback_fault
 from domain.deltas import before_fault
 from domain.errors import IntegrityError
-from domain.events import SNAPSHOT_ACTIONS, Event, authorship_fault
+from domain.events import Event, authorship_fault
 from domain.evolve import evolve
 from domain.state import ScopeKey, ScopeState
 
@@ -245,8 +245,6 @@ class _Loader:
     def _check_snapshot(
         self, number: int, event: Event, state: ScopeState, obj: dict[str, Any]
     ) -> None:
-        if event.snapshot != (event.action in SNAPSHOT_ACTIONS):
-            raise BadLine(number, f"event {event.event_id}: wrong snapshot flag for {event.action}")
         if event.snapshot != ("state" in obj):
             raise BadLine(
                 number, f"event {event.event_id}: 'state' must be present exactly on snapshots"

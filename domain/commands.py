@@ -28,7 +28,8 @@ MAX_INT = 2**63 - 1  # SQLite INTEGER
 RoundNumber = Annotated[int, Meta(ge=1, le=MAX_INT)]
 MaxPerDay = Annotated[int, Meta(ge=1, le=1000)]
 Days = Annotated[tuple[dt.date, ...], Meta(min_length=1, max_length=60)]
-Label = Annotated[str, Meta(max_length=100)]
+MAX_LABEL = 100
+Label = Annotated[str, Meta(max_length=MAX_LABEL)]
 # Any event id SQLite can hold; one that is not an earlier event of the scope is a rule
 # error (invalid_rollback_target), as PROTOCOL section 5 has it, not a schema error.
 EventId = Annotated[int, Meta(ge=-MAX_INT - 1, le=MAX_INT)]

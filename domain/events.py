@@ -11,7 +11,14 @@ from typing import Any
 
 import msgspec
 
-from domain.commands import AREA_PATTERN, BIDDER_COMMANDS, COMMAND_TYPES, Actor, Cause
+from domain.commands import (
+    AREA_PATTERN,
+    BIDDER_COMMANDS,
+    COMMAND_TYPES,
+    MAX_LABEL,
+    Actor,
+    Cause,
+)
 
 SCHEMA_VERSION = 1
 SNAPSHOT_ACTIONS = frozenset({"rollback", "finalize_round", "checkpoint"})
@@ -58,10 +65,11 @@ def authorship_fault(event: Event) -> str | None:
         return f"area {event.area!r} is not a valid area name"
     if event.message_digest is not None and _DIGEST.match(event.message_digest) is None:
         return "message_digest is not 64 lowercase hex digits"
-    if event.action == "rollback":
-        to_event = event.detail.get("to_event")
-        if type(to_event) is not int or not 0 < to_event < event.event_id:
-            return "a rollback's to_event must be an earlier event"
+    if event.snapshot != (event.action in SNAPSHOT_ACTIONS):
+        return f"wrong snapshot flag for {event.action}"
+    fault = _detail_fault(event)
+    if fault is not None:
+        return fault
     automatic = event.message_id is None or event.message_digest is None
     if automatic:
         if event.message_id is not None or event.message_digest is not None:
@@ -77,6 +85,28 @@ def authorship_fault(event: Event) -> str | None:
     return None
 
 
+def _detail_fault(event: Event) -> str | None:
+    """``detail`` holds what ``decide`` puts there, and nothing else: a rollback's
+    ``to_event``, a checkpoint's ``label`` when it was given, else nothing."""
+    detail, allowed = event.detail, frozenset[str]()
+    if event.action == "rollback":
+        to_event = detail.get("to_event")
+        if type(to_event) is not int or not 0 < to_event < event.event_id:
+            return "a rollback's to_event must be an earlier event"
+        allowed = _TO_EVENT
+    elif event.action == "checkpoint":
+        label = detail.get("label", "")
+        if type(label) is not str or len(label) > MAX_LABEL:
+            return f"a checkpoint's label must be text of at most {MAX_LABEL} characters"
+        allowed = _LABEL
+    extra = sorted(detail.keys() - allowed)
+    if extra:
+        return f"detail of a {event.action} holds {', '.join(map(repr, extra))}"
+    return None
+
+
+_TO_EVENT = frozenset({"to_event"})
+_LABEL = frozenset({"label"})
 _ACTIONS = frozenset(str(t.__struct_config__.tag) for t in COMMAND_TYPES)
 _AREA = re.compile(AREA_PATTERN)
 _DIGEST = re.compile(r"[0-9a-f]{64}\Z")

@@ -289,6 +289,18 @@ def year_out_of_range(lines: list[Line]) -> tuple[list[Line], int]:
     return rehash(lines, 0), 1
 
 
+def bid_as_snapshot(lines: list[Line]) -> tuple[list[Line], int]:
+    index = next(i for i, obj in enumerate(lines) if obj["action"] == "submit_bid")
+    lines[index]["snapshot"] = True  # with its state too: only the action tells
+    lines[index]["state"] = lines[first_snapshot_after(lines, index)]["state"]
+    return rehash(lines, index), index + 1
+
+
+def detail_added(lines: list[Line]) -> tuple[list[Line], int]:
+    lines[0]["detail"] = {"zzz": 1}
+    return rehash(lines, 0), 1
+
+
 def unknown_action(lines: list[Line]) -> tuple[list[Line], int]:
     lines[1]["action"] = "frobnicate"
     return rehash(lines, 1), 2
@@ -321,6 +333,8 @@ Mutation = Callable[[list[Line]], tuple[list[Line], int]]
         (digest_not_hex, "message_digest is not 64 lowercase hex digits"),
         (year_out_of_range, "bid_year 1999 is outside 2000-2100"),
         (unknown_action, "unknown action 'frobnicate'"),
+        (bid_as_snapshot, "wrong snapshot flag for submit_bid"),
+        (detail_added, "detail of a create_area holds 'zzz'"),
         (untrue_before, "its `before` is not what its scope held before it"),
     ],
 )

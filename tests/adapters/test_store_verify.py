@@ -151,6 +151,13 @@ async def test_a_delta_that_does_not_replay_is_caught(tmp_path: Path) -> None:
          "unknown action 'frobnicate'"),
         ("UPDATE events SET bid_year = 1999 WHERE event_id = 2",
          "bid_year 1999 is outside 2000-2100"),
+        # Only rollbacks, finalized rounds and checkpoints are snapshots (the fifth audit
+        # added a snapshot row too: verify passed it, import refused its export).
+        ("UPDATE events SET snapshot = 1 WHERE event_id = 2",
+         "wrong snapshot flag for register_user"),
+        # ``detail`` holds only what decide puts there.
+        ("""UPDATE events SET detail = '{"zzz":1}' WHERE event_id = 2""",
+         "detail of a register_user holds 'zzz'"),
     ],
 )  # fmt: skip
 async def test_a_rehashed_event_nobody_could_have_sent_is_caught(
@@ -160,6 +167,23 @@ async def test_a_rehashed_event_nobody_could_have_sent_is_caught(
     caught = await forged(tmp_path, 2, statement)
     assert caught.match(message)
     assert caught.value.details == {"event_id": 2}
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ("snapshot = 0", "wrong snapshot flag for checkpoint"),
+        ("""detail = '{"label":"x","to_event":1}'""", "detail of a checkpoint holds 'to_event'"),
+        ("""detail = '{"label":7}'""", "label must be text of at most 100 characters"),
+        (f"""detail = '{{"label":"{"x" * 101}"}}'""", "label must be text of at most 100"),
+    ],
+)
+async def test_a_rehashed_checkpoint_nobody_could_have_sent_is_caught(
+    tmp_path: Path, change: str, message: str
+) -> None:
+    caught = await forged(tmp_path, 10, f"UPDATE events SET {change} WHERE event_id = 10")
+    assert caught.match(message)
+    assert caught.value.details == {"event_id": 10}
 
 
 @pytest.mark.parametrize(

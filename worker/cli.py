@@ -169,7 +169,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
 async def run_serve(args: argparse.Namespace) -> int:
     if not args.socket:
         async with serving(settings_from(args)) as worker:
-            await _until_done(worker, worker.serve(StdioStream()))
+            await _until_done(worker, worker.serve(StdioStream(), one_peer=False))
         if worker.dropped:  # everything read was committed, but not every reply written
             print(
                 "bidlog: not every reply was written (stdout closed, or took none for too "

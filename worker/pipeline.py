@@ -82,8 +82,10 @@ class Connection:
         *,
         limit: int,
         patience: float,
+        one_peer: bool = True,
     ) -> None:
         self.window = window
+        self.one_peer = one_peer
         self._send = send
         self.limit = limit
         self.patience = patience
@@ -117,17 +119,37 @@ class Connection:
             if waited.cancelled_caught:
                 self.drop(f"it took none of its replies for {self.patience:g} s")
 
+    async def admit(self, count: int) -> None:
+        """Room in the window for ``count`` more lines. While the window is full of lines
+        whose replies wait to be written, a peer that takes none of them for
+        ``patience`` seconds is dropped, if it is also the one that sends (``one_peer``,
+        a socket): one that sends everything before it reads would otherwise wait for
+        the worker to read on, and the worker for it, for good. Stdin's sender is not
+        stdout's reader: a pager that pauses is backpressure, waited for."""
+        window = self.window
+        while window.used and window.used + count > window.size:  # as Window.acquire
+            if self.one_peer:
+                await self._lines_answered()
+            else:
+                await window.changed()
+        window.used += count
+
     async def drained(self) -> None:
         """Until every line read is answered and written; drops the connection if it
         has replies waiting and takes none of them for ``patience`` seconds (at the end
         of its input, or when the worker stops, a peer that does not read would
         otherwise hold the worker for good)."""
         while self.window.used:
-            taken = self.taken
-            with anyio.move_on_after(self.patience) as waited:
-                await self.window.changed()
-            if waited.cancelled_caught and self.unwritten and self.taken == taken:
-                self.drop(f"it took none of its replies for {self.patience:g} s")
+            await self._lines_answered()
+
+    async def _lines_answered(self) -> None:
+        """Until some lines of the window are answered and written, or ``patience``
+        seconds have passed; then a peer with replies waiting that took none is dropped."""
+        taken = self.taken
+        with anyio.move_on_after(self.patience) as waited:
+            await self.window.changed()
+        if waited.cancelled_caught and self.unwritten and self.taken == taken:
+            self.drop(f"it took none of its replies for {self.patience:g} s")
 
     def written(self, size: int) -> None:
         self.unwritten -= size
@@ -304,12 +326,18 @@ class Worker:
                 self._enqueue(feed)
             self._work.set()  # also: a closing inbox may have waited for this one
 
-    async def serve(self, stream: anyio.abc.ByteStream) -> None:
-        """Read lines from ``stream`` until it ends (or the worker stops) and answer each."""
+    async def serve(self, stream: anyio.abc.ByteStream, *, one_peer: bool = True) -> None:
+        """Read lines from ``stream`` until it ends (or the worker stops) and answer each.
+        ``one_peer``: the same peer sends the lines and reads the replies (a socket, not
+        stdin and stdout); see ``Connection.admit``."""
         outbox_send, outbox = anyio.create_memory_object_stream[tuple[bytes, int]](math.inf)
         window = Window(self.in_flight)
         conn = Connection(
-            window, outbox_send.send_nowait, limit=self.max_unwritten, patience=self.patience
+            window,
+            outbox_send.send_nowait,
+            limit=self.max_unwritten,
+            patience=self.patience,
+            one_peer=one_peer,
         )
         conn.on_drop = self._count_drop
         async with anyio.create_task_group() as tg:
@@ -368,7 +396,7 @@ class Worker:
             return
         acquired = False
         try:
-            await window.acquire(len(frames))
+            await feed.conn.admit(len(frames))
             acquired = True
             await self._room_to_wait(feed, size)
         except anyio.get_cancelled_exc_class():

@@ -229,6 +229,29 @@ def test_serve_with_stdout_closed_exits_1(tmp_path: Path) -> None:
     assert b"not every reply was written" in done.stderr and b"Traceback" not in done.stderr
 
 
+def test_a_reader_of_stdout_that_pauses_is_waited_for(tmp_path: Path) -> None:
+    """``bidlog serve < FILE | less``: the pager stops reading for a while. Stdin is
+    not stdout's reader, so this is backpressure, not a stuck peer: the worker waits,
+    past its 10 s patience for a socket client, and every line is answered."""
+    feed = tmp_path / "feed.ndjson"
+    queries = [line({"id": f"q-{n}", "type": "list_areas"}) for n in range(20_000)]
+    feed.write_bytes(b"".join(queries))
+    with feed.open("rb") as stdin:
+        proc = subprocess.Popen(
+            [str(BIN), "serve", "--db", str(tmp_path / "b.sqlite3")],
+            stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        )  # fmt: skip
+    try:
+        time.sleep(11)  # longer than the patience
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == 0, err.decode()
+    assert len(replies(out)) == 20_000
+    assert b"closing a connection" not in err
+
+
 def test_socket_serves_concurrent_pipelining_clients(tmp_path: Path, sockdir: Path) -> None:
     db, sock = tmp_path / "b.sqlite3", sockdir / "s"
     proc = start_socket_worker(db, sock)

@@ -535,6 +535,33 @@ async def test_a_client_that_takes_no_replies_to_its_queries_is_dropped(
     assert "closing a connection: it took none of its replies for 0.3 s" in caplog.text
 
 
+async def test_a_client_that_sends_everything_before_reading_is_dropped_not_hung(
+    db: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Small replies fill the window of lines before the bytes limit: the worker stopped
+    reading, the client could not finish sending, and both waited for good (fifth
+    audit: 5 minutes, until the client was killed). Now it is dropped after patience."""
+    async with (
+        worker_on(db, in_flight=16, patience=0.3) as worker,
+        await worker.connect() as stream,
+        await worker.connect() as sender,
+    ):
+        other = Client(stream)
+
+        async def send_all() -> None:
+            with pytest.raises((anyio.BrokenResourceError, anyio.ClosedResourceError)):
+                for n in range(100_000):
+                    await sender.send(line(msg("list_areas", id=f"q-{n}")))
+
+        with anyio.fail_after(20):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(send_all)
+                while not worker.dropped:  # noqa: ASYNC110 (the worker has no event for it)
+                    await anyio.sleep(0.05)
+                assert (await other.ask_one(msg("list_areas")))["ok"]  # others served
+    assert "closing a connection: it took none of its replies for 0.3 s" in caplog.text
+
+
 async def test_a_slow_reader_of_large_replies_does_not_hold_up_the_others(db: Path) -> None:
     """A client that pauses before reading its query replies (for less than the
     patience) is not dropped, and meanwhile the applier serves everyone else: its

@@ -225,7 +225,10 @@ def error_path(error: str) -> str:
 def _child(base: str, name: str) -> str:
     if name.isidentifier():
         return f"{base}.{name}"
-    return f"{base}[{_encoder.encode(name).decode()}]"
+    try:
+        return f"{base}[{_encoder.encode(name).decode()}]"
+    except UnicodeEncodeError:  # a lone surrogate: escaped, as UTF-8 cannot carry it
+        return f"{base}[{json.dumps(name)}]"
 
 
 def _usable_id(raw: msgspec.Raw | None) -> str | None:
@@ -262,22 +265,24 @@ def _malformed(exc: Exception, line: bytes) -> DecodeFailure:
 def _lone_surrogate(line: bytes) -> DecodeFailure | None:
     """A ``\\ud800`` escape with no pair is in JSON's grammar, but it is no character and
     UTF-8 cannot carry it; msgspec refuses it with a misleading message ("Input data was
-    truncated"). If that is what is wrong with ``line``, say so, and echo the id when it
-    is usable; else None. Runs only for lines msgspec refused."""
+    truncated"). If that is what is wrong with ``line``, say so: the line is JSON, so it
+    is a field's value (or key) that is refused, named by its path, and the id is echoed
+    when it is usable; else None. Runs only for lines msgspec refused."""
     try:
         value = json.loads(line, parse_constant=_no_constant)
     except (ValueError, RecursionError):
         return None
-    if not _has_surrogate(value):
+    path = _surrogate_path(value, "$")
+    if path is None:
         return None
     message_id = value.get("id") if isinstance(value, dict) else None
     usable = isinstance(message_id, str) and 1 <= len(message_id) <= 128
-    if usable and _has_surrogate(message_id):
+    if usable and _surrogate_path(message_id, "$") is not None:
         usable = False
     return DecodeFailure(
-        "malformed_json",
+        "invalid_message",
         "a \\u escape names a lone UTF-16 surrogate, which is not a character",
-        {},
+        _at(path),
         message_id if usable else None,
     )
 
@@ -286,14 +291,23 @@ def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
-def _has_surrogate(value: Any) -> bool:
+def _surrogate_path(value: Any, path: str) -> str | None:
+    """The path of the first text (key or value) in ``value`` that holds a surrogate."""
     if isinstance(value, str):
-        return any("\ud800" <= c <= "\udfff" for c in value)
+        return path if any("\ud800" <= c <= "\udfff" for c in value) else None
     if isinstance(value, dict):
-        return any(_has_surrogate(k) or _has_surrogate(v) for k, v in value.items())
+        for key, item in value.items():
+            found = _surrogate_path(key, _child(path, key)) or _surrogate_path(
+                item, _child(path, key)
+            )
+            if found is not None:
+                return found
     if isinstance(value, list):
-        return any(_has_surrogate(v) for v in value)
-    return False
+        for index, item in enumerate(value):
+            found = _surrogate_path(item, f"{path}[{index}]")
+            if found is not None:
+                return found
+    return None
 
 
 def _too_deep(line: bytes) -> DecodeFailure:

@@ -219,7 +219,6 @@ def test_the_reserved_system_role_passes_decoding_and_is_left_to_authorization()
         b'{"id":"m-1","type":"register_user","user_type":"CPC\xff"}',
         b'{"id":"m-1","type":"verif\xff"}',
         b'{"id":"\xc3","type":"verify"}',
-        b'{"id":"\\ud800","type":"verify"}',
         b'\xef\xbb\xbf{"id":"m-1","type":"verify"}',
         b'{"id":"m-1","type":"verify","expected_seq":NaN}',
         # The schema fails first (unknown field), then the JSON turns out to be broken.
@@ -233,19 +232,23 @@ def test_lines_that_are_not_json_are_malformed_with_a_null_id(line: bytes) -> No
 
 
 @pytest.mark.parametrize(
-    ("line", "message_id"),
+    ("line", "path", "message_id"),
     [
-        (b'{"id":"m-1","type":"get_state","bid_year":2026,"area":"\\ud800"}', "m-1"),
-        (b'{"id":"m-1","type":"verify","x":"a\\udc00b"}', "m-1"),  # schema fails first
-        (b'{"\\ud800":1,"id":"m-1","type":"verify"}', "m-1"),
-        (b'{"id":"\\ud800","type":"verify"}', None),  # the id itself is no text
+        (b'{"id":"m-1","type":"get_state","bid_year":2026,"area":"\\ud800"}', "$.area", "m-1"),
+        (b'{"id":"m-1","type":"verify","x":"a\\udc00b"}', "$.x", "m-1"),  # schema fails first
+        (b'{"\\ud800":1,"id":"m-1","type":"verify"}', '$["\\ud800"]', "m-1"),
+        (b'{"id":"m-1","type":"verify","x":[1,{"y":"\\udfff"}]}', "$.x[1].y", "m-1"),
+        (b'{"id":"\\ud800","type":"verify"}', "$.id", None),  # the id itself is no text
     ],
 )
 def test_a_lone_surrogate_escape_is_named_and_a_usable_id_echoed(
-    line: bytes, message_id: str | None
+    line: bytes, path: str, message_id: str | None
 ) -> None:
+    """The line is JSON (the grammar allows the escape): a field is refused, by its
+    path, not the line as malformed JSON with its id echoed (fifth audit)."""
     error = failure(line)
-    assert (error.code, error.message_id) == ("malformed_json", message_id)
+    assert (error.code, error.message_id) == ("invalid_message", message_id)
+    assert error.details == {"path": path}
     assert "lone UTF-16 surrogate" in error.message  # not msgspec's "truncated"
 
 

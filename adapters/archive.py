@@ -31,6 +31,7 @@ from adapters.canonical import ZERO_HASH, canonical, chain_hash
 from adapters.sqlite_rows import (
     INSERT_EVENT,
     INSERT_SNAPSHOT,
+    TIME_FORM,
     TIMESTAMP,
     Head,
     event_object,
@@ -222,8 +223,13 @@ class _Loader:
             raise BadLine(
                 number, f"event {event.event_id}: hash does not match its content (altered)"
             )
-        if not TIMESTAMP.match(event.recorded_at) or event.recorded_at < head.recorded_at:
-            raise BadLine(number, f"event {event.event_id}: bad or decreasing recorded_at")
+        if not TIMESTAMP.match(event.recorded_at):
+            raise BadLine(
+                number,
+                f"event {event.event_id}: recorded_at {event.recorded_at!r} is not {TIME_FORM}",
+            )
+        if event.recorded_at < head.recorded_at:
+            raise BadLine(number, f"event {event.event_id}: decreasing recorded_at")
 
     def _replay(self, number: int, event: Event) -> ScopeState:
         before = self.states.get(event.scope)

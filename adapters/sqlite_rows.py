@@ -28,6 +28,7 @@ EVENT_COLUMNS = (
 INSERT_EVENT = f"INSERT INTO events ({EVENT_COLUMNS}) VALUES ({', '.join('?' * 17)})"
 INSERT_SNAPSHOT = "INSERT INTO snapshots (event_id, bid_year, area, state) VALUES (?, ?, ?, ?)"
 TIMESTAMP = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z\Z")
+TIME_FORM = "a UTC time with microseconds (2026-01-01T00:00:00.000000Z)"
 
 Row = tuple[Any, ...]
 _json = msgspec.json.Encoder(order="sorted").encode  # = adapters.canonical.canonical

@@ -289,6 +289,11 @@ def year_out_of_range(lines: list[Line]) -> tuple[list[Line], int]:
     return rehash(lines, 0), 1
 
 
+def time_not_utc(lines: list[Line]) -> tuple[list[Line], int]:
+    lines[1]["recorded_at"] = lines[1]["recorded_at"].replace("Z", "+00:00")
+    return rehash(lines, 1), 2
+
+
 def bid_as_snapshot(lines: list[Line]) -> tuple[list[Line], int]:
     index = next(i for i, obj in enumerate(lines) if obj["action"] == "submit_bid")
     lines[index]["snapshot"] = True  # with its state too: only the action tells
@@ -333,6 +338,7 @@ Mutation = Callable[[list[Line]], tuple[list[Line], int]]
         (digest_not_hex, "message_digest is not 64 lowercase hex digits"),
         (year_out_of_range, "bid_year 1999 is outside 2000-2100"),
         (unknown_action, "unknown action 'frobnicate'"),
+        (time_not_utc, "+00:00' is not a UTC time with microseconds"),
         (bid_as_snapshot, "wrong snapshot flag for submit_bid"),
         (detail_added, "detail of a create_area holds 'zzz'"),
         (untrue_before, "its `before` is not what its scope held before it"),

@@ -155,6 +155,10 @@ async def test_a_delta_that_does_not_replay_is_caught(tmp_path: Path) -> None:
         # added a snapshot row too: verify passed it, import refused its export).
         ("UPDATE events SET snapshot = 1 WHERE event_id = 2",
          "wrong snapshot flag for register_user"),
+        # Later than event 1 as text, but not a time the store writes (fifth audit:
+        # verify passed it, import refused it; reads of the past compare these texts).
+        ("UPDATE events SET recorded_at = '2027-01-01T00:00:00.000000+00:00' "
+         "WHERE event_id = 2", "event 2: recorded_at '2027-01-01T00:00:00.000000.00:00' is not"),
         # ``detail`` holds only what decide puts there.
         ("""UPDATE events SET detail = '{"zzz":1}' WHERE event_id = 2""",
          "detail of a register_user holds 'zzz'"),

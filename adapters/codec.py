@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Iterator
 from typing import Any
 
 import msgspec
@@ -107,28 +108,31 @@ def duplicate_key(line: bytes) -> str | None:
     ignored, and its digest would not be of the message as sent: refused instead, as
     unknown fields are."""
     try:
-        tree = json.loads(line, object_pairs_hook=_Object)
-        return _first_duplicate(tree, "$")
+        seen: dict[int, set[str]] = {}  # the keys of each object, by the object's id
+        for path, key, owner in _walk(json.loads(line, object_pairs_hook=_Object), "$"):
+            if owner is not None:
+                keys = seen.setdefault(id(owner), set())
+                if key in keys:
+                    return path
+                keys.add(key)
+        return None
     except (ValueError, RecursionError):  # not for here to judge: the decoder does
         return None
 
 
-def _first_duplicate(node: Any, path: str) -> str | None:
+def _walk(node: Any, path: str) -> Iterator[tuple[str, Any, _Object | None]]:
+    """Depth first, in order: each key of an object as ``(path, key, the object)`` and
+    each value that is neither an object nor an array as ``(path, value, None)``."""
     if isinstance(node, _Object):
-        seen: set[str] = set()
         for key, value in node:
-            if key in seen:
-                return _child(path, key)
-            seen.add(key)
-            found = _first_duplicate(value, _child(path, key))
-            if found is not None:
-                return found
+            child = _child(path, key)
+            yield child, key, node
+            yield from _walk(value, child)
     elif isinstance(node, list):
         for index, item in enumerate(node):
-            found = _first_duplicate(item, f"{path}[{index}]")
-            if found is not None:
-                return found
-    return None
+            yield from _walk(item, f"{path}[{index}]")
+    else:
+        yield path, node, None
 
 
 def _refuse_duplicate_keys(line: bytes, message_id: str | None) -> None:
@@ -269,15 +273,15 @@ def _lone_surrogate(line: bytes) -> DecodeFailure | None:
     is a field's value (or key) that is refused, named by its path, and the id is echoed
     when it is usable; else None. Runs only for lines msgspec refused."""
     try:
-        value = json.loads(line, parse_constant=_no_constant)
+        value = json.loads(line, parse_constant=_no_constant, object_pairs_hook=_Object)
+        path = next((at for at, text, _ in _walk(value, "$") if _is_surrogate(text)), None)
     except (ValueError, RecursionError):
         return None
-    path = _surrogate_path(value, "$")
     if path is None:
         return None
-    message_id = value.get("id") if isinstance(value, dict) else None
+    message_id = dict(value).get("id") if isinstance(value, _Object) else None
     usable = isinstance(message_id, str) and 1 <= len(message_id) <= 128
-    if usable and _surrogate_path(message_id, "$") is not None:
+    if usable and _is_surrogate(message_id):
         usable = False
     return DecodeFailure(
         "invalid_message",
@@ -291,23 +295,9 @@ def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
-def _surrogate_path(value: Any, path: str) -> str | None:
-    """The path of the first text (key or value) in ``value`` that holds a surrogate."""
-    if isinstance(value, str):
-        return path if any("\ud800" <= c <= "\udfff" for c in value) else None
-    if isinstance(value, dict):
-        for key, item in value.items():
-            found = _surrogate_path(key, _child(path, key)) or _surrogate_path(
-                item, _child(path, key)
-            )
-            if found is not None:
-                return found
-    if isinstance(value, list):
-        for index, item in enumerate(value):
-            found = _surrogate_path(item, f"{path}[{index}]")
-            if found is not None:
-                return found
-    return None
+def _is_surrogate(text: Any) -> bool:
+    """``text`` is a string holding a UTF-16 surrogate (no character)."""
+    return isinstance(text, str) and any("\ud800" <= c <= "\udfff" for c in text)
 
 
 def _too_deep(line: bytes) -> DecodeFailure:

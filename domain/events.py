@@ -87,8 +87,12 @@ def authorship_fault(event: Event) -> str | None:
 
 def _detail_fault(event: Event) -> str | None:
     """``detail`` holds what ``decide`` puts there, and nothing else: a rollback's
-    ``to_event``, a checkpoint's ``label`` when it was given, else nothing."""
+    ``to_event``, a checkpoint's ``label`` when it was given, else nothing. (Automatic
+    checkpoints stored before 2026-11-26 08:25 UTC hold ``{"automatic": true}``: the
+    hash covers it, so it stays.)"""
     detail, allowed = event.detail, frozenset[str]()
+    if event.message_id is None and detail.keys() == {"automatic"} and detail["automatic"] is True:
+        return None  # only automatic checkpoints have no message: checked by the caller
     if event.action == "rollback":
         to_event = detail.get("to_event")
         if type(to_event) is not int or not 0 < to_event < event.event_id:

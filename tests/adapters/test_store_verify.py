@@ -13,7 +13,7 @@ from adapters.canonical import chain_hash
 from adapters.sqlite_rows import EVENT_COLUMNS, event_dict
 from adapters.sqlite_store import SqliteStore
 from domain.errors import IntegrityError
-from tests.adapters.store_support import Driver, scenario, tamper
+from tests.adapters.store_support import Driver, scenario, tamper, with_auto_checkpoints
 
 CLEAN = {"events": 14, "snapshots": 3}
 
@@ -171,6 +171,39 @@ async def test_a_rehashed_event_nobody_could_have_sent_is_caught(
     caught = await forged(tmp_path, 2, statement)
     assert caught.match(message)
     assert caught.value.details == {"event_id": 2}
+
+
+@pytest.mark.parametrize(
+    ("detail", "where", "fault"),
+    [
+        ('{"automatic":true}', "message_id IS NULL", None),  # as stored before 08:25 UTC
+        ('{"automatic":1}', "message_id IS NULL", "detail of a checkpoint holds 'automatic'"),
+        ('{"automatic":true}', "message_id IS NOT NULL AND action = 'checkpoint'",
+         "detail of a checkpoint holds 'automatic'"),
+    ],
+)  # fmt: skip
+async def test_automatic_checkpoints_of_older_databases_still_verify(
+    tmp_path: Path, detail: str, where: str, fault: str | None
+) -> None:
+    """Until 2026-11-26 08:25 UTC bidlog wrote automatic checkpoints with detail
+    {"automatic": true}; the hash covers it, so such databases must go on verifying
+    (the review of the detail check found them refused). Only there, and only that."""
+    db = tmp_path / "db.sqlite3"
+    store = await SqliteStore.open(db)
+    try:
+        await Driver(store, checkpoint_every=3).run(*with_auto_checkpoints())
+    finally:
+        await store.close()
+    tamper(db, f"UPDATE events SET detail = '{detail}' WHERE {where}")
+    with sqlite3.connect(db) as conn:
+        (first,) = conn.execute(f"SELECT min(event_id) FROM events WHERE {where}").fetchone()
+    conn.close()
+    rehash_from(db, first)
+    if fault is None:
+        assert (await verify(db))["events"] > 0
+    else:
+        with pytest.raises(IntegrityError, match=fault):
+            await verify(db)
 
 
 @pytest.mark.parametrize(

@@ -107,17 +107,20 @@ class Progress:
     def close(self) -> None:
         if self.drawn:
             self._write(CLEAR)
-            self.drawn = False
 
     def _write(self, text: str) -> None:
+        """Draw ``text``; never raises: a progress line is not worth failing the work
+        for (``close`` runs on the way out of any error, and after work that succeeded)."""
+        out = self.out
+        if out is None:
+            return
         try:
-            assert self.out is not None
-            self.out.write(text)
-            self.out.flush()
+            out.write(text)
+            out.flush()
             self.drawn = text != CLEAR
             self.shown = self.shown or self.drawn
         except (OSError, ValueError):  # the terminal is gone (a hangup): stop drawing
-            self.out = None
+            self.out, self.drawn = None, False
 
 
 def _is_terminal(out: TextIO) -> bool:

@@ -74,3 +74,19 @@ def test_nothing_is_drawn_off_a_terminal_or_after_the_terminal_went_away() -> No
     gone.show("writing", 1, 2)  # a hung-up terminal: no error, and no more tries
     assert gone.out is None
     gone.close()
+
+    class GoesAway(io.StringIO):
+        def write(self, text: str) -> int:
+            if self.getvalue():
+                raise OSError(5, "Input/output error")
+            return super().write(text)
+
+    # Gone after a line was drawn: closing must not fail the command that succeeded
+    # (an AssertionError did, after an import had published its database: review).
+    with Progress("import", GoesAway()) as later:
+        later.show("reading", 1_024, noun="lines")
+        later.show("checking", 2_000, 4_000)
+        assert later.drawn and later.out is not None
+        later.every = 0
+        later.show("checking", 4_000, 4_000)
+        assert later.out is None and not later.drawn

@@ -33,6 +33,7 @@ log = logging.getLogger("bidlog.pipeline")
 
 _GONE = (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError)
 BATCH_BYTES = 4 << 20  # of lines in one batch (and in one waiting chunk), about
+SEND_SLICE = 256 << 10  # replies are written at most this many bytes at a time
 
 
 class Window:
@@ -492,14 +493,26 @@ async def _write_replies(
                 except (anyio.WouldBlock, anyio.EndOfStream):
                     break
             data = b"".join(data for data, _ in chunk)
+            sent = 0
             if not conn.dropped:
                 with anyio.CancelScope() as conn.sending:
                     try:
-                        await stream.send(data)
+                        # In slices, each counted as taken once written: a client that
+                        # reads slowly but steadily is seen taking its replies, however
+                        # many were coalesced (16 MiB at 250 KB/s took over a minute).
+                        while sent < len(data):
+                            piece = (
+                                data[sent : sent + SEND_SLICE]
+                                if sent or len(data) > SEND_SLICE
+                                else data
+                            )
+                            await stream.send(piece)
+                            sent += len(piece)
+                            conn.written(len(piece))
                     except _GONE as exc:  # stdout closed, or a client gone: stop reading
                         conn.drop(f"its replies cannot be written ({exc!r})")
                 conn.sending = None
-            conn.written(len(data))
+            conn.written(len(data) - sent)  # dropped: the rest is discarded
             conn.window.release(sum(count for _, count in chunk))
 
 

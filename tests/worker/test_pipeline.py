@@ -12,7 +12,7 @@ import msgspec
 import pytest
 
 from adapters import codec
-from adapters.transports import TooLarge
+from adapters.transports import TooLarge, memory_stream_pair
 from tests.wire import (
     BIDDER,
     Msg,
@@ -560,6 +560,44 @@ async def test_a_client_that_sends_everything_before_reading_is_dropped_not_hung
                     await anyio.sleep(0.05)
                 assert (await other.ask_one(msg("list_areas")))["ok"]  # others served
     assert "closing a connection: it took none of its replies for 0.3 s" in caplog.text
+
+
+class SlowReader(anyio.abc.ByteStream):
+    """The worker's end of a connection whose client reads ``rate`` bytes a second,
+    steadily: a send returns when the client has read all of it."""
+
+    def __init__(self, inner: anyio.abc.ByteStream, rate: float) -> None:
+        self.inner, self.rate = inner, rate
+
+    async def send(self, item: bytes) -> None:
+        await anyio.sleep(len(item) / self.rate)
+        await self.inner.send(item)
+
+    async def receive(self, max_bytes: int = 65536) -> bytes:
+        return await self.inner.receive(max_bytes)
+
+    async def send_eof(self) -> None:
+        await self.inner.send_eof()
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+async def test_a_client_reading_slowly_but_steadily_is_not_dropped(db: Path) -> None:
+    """Replies that pile up are written as one; progress was counted only once all of
+    it was written, so a client reading 250 KB/s was dropped as one that "took none of
+    its replies" while it was taking them (review). It is counted in slices now."""
+    users = [f"{a}{b}" for a in "ABCD" for b in "ABCDE"]
+    async with worker_on(db, max_unwritten=1 << 20, patience=0.5) as worker:
+        client_end, server_end = memory_stream_pair()
+        worker.task_group.start_soon(worker.serve, SlowReader(server_end, rate=2_000_000))
+        client = Client(client_end)
+        assert all(r["ok"] for r in await client.ask(create_area(), *map(register, users)))
+        with anyio.fail_after(30):
+            replies = await client.ask(*[get_state() for _ in range(800)])  # about 4 MB
+        assert all(r["ok"] for r in replies)
+        assert worker.dropped == 0
+        await client_end.aclose()
 
 
 async def test_a_slow_reader_of_large_replies_does_not_hold_up_the_others(db: Path) -> None:

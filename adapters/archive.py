@@ -114,9 +114,10 @@ class BadLine(ArchiveError):
 # -- export ----------------------------------------------------------------------------
 
 
-async def export_lines(store: SqliteStore) -> AsyncIterator[bytes]:
-    """Every event as one canonical NDJSON line, in ``event_id`` order, read in chunks."""
-    async for obj in store.iter_events():
+async def export_lines(store: SqliteStore, upto: int | None = None) -> AsyncIterator[bytes]:
+    """Every event (up to ``upto``) as one canonical NDJSON line, in ``event_id`` order,
+    read in chunks."""
+    async for obj in store.iter_events(upto=upto):
         yield canonical(obj) + b"\n"
 
 

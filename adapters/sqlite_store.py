@@ -283,14 +283,18 @@ class SqliteStore:
         """``{bid_year, area, seq, head_event}`` per scope, sorted by year then area."""
         return await self._read(_list_areas, bid_year)
 
-    async def iter_events(self, after_event: int = 0) -> AsyncIterator[dict[str, Any]]:
-        """Every event after ``after_event`` as its section-6 dict, in ``event_id`` order,
-        with ``state`` (the rendered snapshot) added on snapshot events. Reads in chunks."""
-        while True:
-            rows = await self._read(reads.events_after, after_event, EXPORT_CHUNK)
+    async def iter_events(
+        self, after_event: int = 0, upto: int | None = None
+    ) -> AsyncIterator[dict[str, Any]]:
+        """Every event after ``after_event`` (up to ``upto``, if given) as its section-6
+        dict, in ``event_id`` order, with ``state`` (the rendered snapshot) added on
+        snapshot events. Reads in chunks, so a writer can append meanwhile."""
+        while upto is None or after_event < upto:
+            limit = EXPORT_CHUNK if upto is None else min(EXPORT_CHUNK, upto - after_event)
+            rows = await self._read(reads.events_after, after_event, limit)
             for obj in reads.export_dicts(rows):
                 yield obj
-            if len(rows) < EXPORT_CHUNK:
+            if len(rows) < limit:
                 return
             after_event = rows[-1][0]
 

@@ -244,12 +244,12 @@ async def run_export(args: argparse.Namespace) -> int:
             return _fail(f"export: {exc}")
     store = await open_store(settings_of(args), writer=False)
     try:
-        if args.out is None:
-            count = await _export(store, sys.stdout.buffer)
+        if args.out is None:  # no progress: it would be drawn among the lines, or a pager
+            count = await _export(store, sys.stdout.buffer, Progress("export", None))
         else:
             with archive.temporary_beside(args.out) as tmp:
                 with tmp.open("wb") as out:
-                    count = await _export(store, out)
+                    count = await _export(store, out, Progress.on_terminal("export"))
                 archive.publish(tmp, args.out)
             print(f"bidlog: exported {count} events to {args.out}", file=sys.stderr)
     except BrokenPipeError:
@@ -265,10 +265,11 @@ async def run_export(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _export(store: Any, out: IO[bytes]) -> int:
+async def _export(store: Any, out: IO[bytes], progress: Progress) -> int:
+    """The log as it stands now: events a worker appends meanwhile are left out."""
     count, total = 0, (await store.head()).event_id
-    with Progress.on_terminal("export") as progress:
-        async for line in archive.export_lines(store):
+    with progress:
+        async for line in archive.export_lines(store, upto=total):
             write_out(line, out, flush=False)
             count += 1
             if count % 1000 == 0:

@@ -300,6 +300,9 @@ async def test_iter_events_streams_everything_in_order(
                 assert event["state"] == render(entry.state)
         tail = [event async for event in store.iter_events(after_event=10)]
         assert tail == events[10:]
+        for upto in (0, 3, 4, 5, 8, 14, 99):  # an export stops at the head it began with
+            assert [e async for e in store.iter_events(upto=upto)] == events[:upto]
+        assert [e async for e in store.iter_events(after_event=2, upto=9)] == events[2:9]
         timeline = await store.timeline(SOUTH)
         assert timeline is not None
         south = [e for e in events if e["area"] == "South"]

@@ -631,3 +631,11 @@ def test_long_commands_show_progress_on_a_terminal_and_erase_it(
     piped = bidlog(*args)
     assert piped.returncode == 0 and piped.stdout == out
     assert "\r" not in piped.stderr.decode()
+
+
+def test_export_to_stdout_draws_no_progress(big: tuple[Path, Path], tmp_path: Path) -> None:
+    """On a terminal it was drawn among the lines, and over a pager (review)."""
+    db, export = big
+    status, out, terminal = on_terminal(tmp_path, "export", "--db", db)
+    assert (status, terminal) == (0, "")
+    assert out == export.read_bytes()

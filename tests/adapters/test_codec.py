@@ -239,6 +239,7 @@ def test_lines_that_are_not_json_are_malformed_with_a_null_id(line: bytes) -> No
         (b'{"\\ud800":1,"id":"m-1","type":"verify"}', '$["\\ud800"]', "m-1"),
         (b'{"id":"m-1","type":"verify","x":[1,{"y":"\\udfff"}]}', "$.x[1].y", "m-1"),
         (b'{"id":"\\ud800","type":"verify"}', "$.id", None),  # the id itself is no text
+        (b'{"id":"m-1","type":"verify","x":"\\ud800","x":"y"}', "$.x", "m-1"),  # shadowed
     ],
 )
 def test_a_lone_surrogate_escape_is_named_and_a_usable_id_echoed(

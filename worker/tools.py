@@ -50,7 +50,8 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
         help="write the audit log as NDJSON (reads only)",
         description="Write every event in event_id order as canonical NDJSON, with the "
         "full state on snapshot events: the file alone rebuilds the database. Reads "
-        "only; works while a worker serves. Progress on stderr while it is a terminal.",
+        "only; works while a worker serves, and writes the log as it stood when it began. "
+        "With --out, progress on stderr while it is a terminal.",
     )
     export.add_argument(
         "--out",

@@ -301,8 +301,15 @@ def _is_surrogate(text: Any) -> bool:
 
 
 def _too_deep(line: bytes) -> DecodeFailure:
-    message = "JSON is nested too deeply"
-    return DecodeFailure("invalid_message", message, _at("$"), _shallow_id(line))
+    """A line too deep for the decoders: ``malformed_json`` if it is not JSON at all (so
+    the fault is told as for any other such line), else too deep, its id echoed."""
+    try:
+        line.decode()
+        raw = _scan(line)
+    except Exception:  # not JSON; or the scan failed, and nothing it found is trusted
+        message = "not JSON (and nested too deeply for a closer look)"
+        return DecodeFailure("malformed_json", message, {}, None)
+    return DecodeFailure("invalid_message", "JSON is nested too deeply", _at("$"), _id_of(raw))
 
 
 # A scanner for JSON that does not recurse (the decoders do, and give up on deep lines),
@@ -317,32 +324,29 @@ _VALUE, _VALUE_OR_END, _KEY, _KEY_OR_END, _COLON, _AFTER = range(6)
 _NOT_A_STRING = b"null"  # what a top-level id that is no string is taken as
 
 
-def _shallow_id(line: bytes) -> str | None:
-    """The usable top-level ``id`` of a JSON object too deep for the decoders, found by
-    a scan that does not recurse; None if the line is not one JSON object (checked in
-    full: brackets paired, strings, numbers and literals well formed, UTF-8) or has no
-    usable id. Like the decoders, the last of repeated ``id`` keys counts."""
+def _id_of(raw: bytes | None) -> str | None:
     try:
-        line.decode()
-        found = _scan(line)
-        return None if found is None else _usable_id(msgspec.Raw(found))
+        return None if raw is None else _usable_id(msgspec.Raw(raw))
     except Exception:  # a failure path must not fail: no id is trusted
         return None
 
 
 def _scan(line: bytes) -> bytes | None:
-    """The raw top-level ``id`` value of the JSON object ``line``; None if it has none
-    or is not one JSON object."""
+    """The raw top-level ``id`` value of ``line``, scanned without recursion (the
+    decoders recurse, and give up on deep lines); None if it has none.
+    Raises ``ValueError`` if the line is not JSON (checked in full: brackets paired,
+    strings, numbers and literals well formed). Like the decoders, the last of repeated
+    ``id`` keys counts."""
     stack = bytearray()  # the open brackets
     found: bytes | None = None
     is_id = False  # the value about to come is the top-level id's
     at, end, state = _skip(line, 0), len(line), _VALUE
     if line[at : at + 1] != b"{":
-        return None
+        return None  # no object (the decoders said so already, before any depth)
     while True:
         at = _skip(line, at)
         if at >= end:
-            return None
+            raise ValueError("the line ends inside a value")
         char = line[at : at + 1]
         if state in (_VALUE, _VALUE_OR_END):
             if char == b"]" and state == _VALUE_OR_END:
@@ -361,7 +365,7 @@ def _scan(line: bytes) -> bytes | None:
             else:
                 token = _scalar(line, at)
                 if token is None:
-                    return None
+                    raise ValueError("not a value")
                 if top:
                     found = token
                 at, state = at + len(token), _AFTER
@@ -372,23 +376,29 @@ def _scan(line: bytes) -> bytes | None:
             if char == b"}" and state == _KEY_OR_END:
                 at, state = _close(line, at, stack)
                 if not stack:
-                    return found if _skip(line, at) == end else None
+                    return _at_end(line, at, found)
                 continue
             key = _STRING.match(line, at)
             if key is None:
-                return None
+                raise ValueError("not a key")
             is_id = len(stack) == 1 and _str_decoder.decode(key.group()) == "id"
             at, state = key.end(), _COLON
         elif state == _COLON:
             if char != b":":
-                return None
+                raise ValueError("no ':' after a key")
             at, state = at + 1, _VALUE
         elif char == b",":  # _AFTER a value
             at, state = at + 1, (_VALUE if stack[-1:] == b"[" else _KEY)
         else:
             at, state = _close(line, at, stack)
             if not stack:
-                return found if _skip(line, at) == end else None
+                return _at_end(line, at, found)
+
+
+def _at_end(line: bytes, at: int, found: bytes | None) -> bytes | None:
+    if _skip(line, at) != len(line):
+        raise ValueError("something after the object")
+    return found
 
 
 def _skip(line: bytes, at: int) -> int:

@@ -275,8 +275,10 @@ def _lone_surrogate(line: bytes) -> DecodeFailure | None:
     try:
         value = json.loads(line, parse_constant=_no_constant, object_pairs_hook=_Object)
         path = next((at for at, text, _ in _walk(value, "$") if _is_surrogate(text)), None)
-    except (ValueError, RecursionError):
+    except ValueError:
         return None
+    except RecursionError:  # too deep to look for it: say what can be said
+        return _too_deep(line)
     if path is None:
         return None
     message_id = dict(value).get("id") if isinstance(value, _Object) else None
@@ -302,10 +304,15 @@ def _is_surrogate(text: Any) -> bool:
 
 def _too_deep(line: bytes) -> DecodeFailure:
     """A line too deep for the decoders: ``malformed_json`` if it is not JSON at all (so
-    the fault is told as for any other such line), else too deep, its id echoed."""
+    the fault is told as for any other such line), else too deep, its id echoed. The
+    scan runs on the applier's thread, in Python: past ``SCAN_STEPS`` tokens it gives up
+    (every other client would wait about 1 s for a 1 MiB line of small ones), and the
+    line is too deep, with no id."""
     try:
         line.decode()
         raw = _scan(line)
+    except _TooLong:
+        return DecodeFailure("invalid_message", "JSON is nested too deeply", _at("$"), None)
     except Exception:  # not JSON; or the scan failed, and nothing it found is trusted
         message = "not JSON (and nested too deeply for a closer look)"
         return DecodeFailure("malformed_json", message, {}, None)
@@ -331,6 +338,13 @@ def _id_of(raw: bytes | None) -> str | None:
         return None
 
 
+class _TooLong(Exception):
+    """The scan gave up: more than ``SCAN_STEPS`` tokens."""
+
+
+SCAN_STEPS = 20_000  # tokens (a run of brackets is one): 10-40 ms
+
+
 def _scan(line: bytes) -> bytes | None:
     """The raw top-level ``id`` value of ``line``, scanned without recursion (the
     decoders recurse, and give up on deep lines); None if it has none.
@@ -343,7 +357,7 @@ def _scan(line: bytes) -> bytes | None:
     at, end, state = _skip(line, 0), len(line), _VALUE
     if line[at : at + 1] != b"{":
         return None  # no object (the decoders said so already, before any depth)
-    while True:
+    for _ in range(SCAN_STEPS):
         at = _skip(line, at)
         if at >= end:
             raise ValueError("the line ends inside a value")
@@ -381,7 +395,7 @@ def _scan(line: bytes) -> bytes | None:
             key = _STRING.match(line, at)
             if key is None:
                 raise ValueError("not a key")
-            is_id = len(stack) == 1 and _str_decoder.decode(key.group()) == "id"
+            is_id = len(stack) == 1 and _is_id_key(key.group())
             at, state = key.end(), _COLON
         elif state == _COLON:
             if char != b":":
@@ -393,6 +407,14 @@ def _scan(line: bytes) -> bytes | None:
             at, state = _close(line, at, stack)
             if not stack:
                 return _at_end(line, at, found)
+    raise _TooLong
+
+
+def _is_id_key(raw: bytes) -> bool:
+    try:
+        return _str_decoder.decode(raw) == "id"
+    except msgspec.DecodeError:  # a lone surrogate escape: JSON, but no "id"
+        return False
 
 
 def _at_end(line: bytes, at: int, found: bytes | None) -> bytes | None:

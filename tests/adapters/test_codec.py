@@ -15,6 +15,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from adapters import codec
 from adapters.canonical import digest
 from adapters.codec import (
     Decoded,
@@ -388,6 +389,9 @@ def test_a_deeply_nested_line_is_refused_without_crashing() -> None:
         (b'{"x":%s}', None),
         (b'{"id":"%s"}', None),
         (b'{"id":7,"x":%s}', None),
+        (b'{"\\ud800":1,"x":%s,"id":"m"}', "m"),  # JSON: the escape is in its grammar
+        (b'{"id":"m","\\ud800":1,"x":%s}', "m"),  # msgspec stops at it, before the depth
+        (b'{"id":"m","b":"\\udc00","x":%s}', "m"),
     ],
 )
 def test_a_too_deep_line_echoes_its_top_level_id(line: bytes, message_id: str | None) -> None:
@@ -402,7 +406,6 @@ def test_a_too_deep_line_echoes_its_top_level_id(line: bytes, message_id: str | 
         b'{"x":%s,"id":"\\ud800"}',  # raised DecodeError out of the codec: worker died
         b'{"x":%s,"id":"\xff"}',  # raised UnicodeDecodeError
         b'{"x":%s,"id":"a\x01"}',  # a raw control character
-        b'{"\\ud800":1,"x":%s,"id":"m"}',
         b'{"id":"m","x":[[[%s}}}}',  # brackets that do not pair
         b'{"id":"m","x":[%s,tru]}',  # a literal that is not one
         b'{"id":"m","x":[%s,01]}',  # nor a number
@@ -421,6 +424,17 @@ def test_a_too_deep_line_that_is_not_json_gets_no_id_and_never_an_exception(line
     assert error.message_id is None
     if b"\\ud800" not in line:  # JSON's grammar allows the escape: either code will do
         assert (error.code, error.details) == ("malformed_json", {})
+
+
+def test_the_scan_of_a_deep_line_gives_up_on_a_long_one() -> None:
+    """The scan for a deep line's id is Python on the applier's thread: a 1 MiB line of
+    small tokens held every other client for about a second (review). Past SCAN_STEPS
+    tokens it gives up: too deep, no id looked for."""
+    deep = b"[" * 3000 + b"1," * (codec.SCAN_STEPS // 2) + b"1" + b"]" * 3000
+    error = failure(b'{"id":"m","a":' + deep + b"}")
+    assert (error.code, error.message_id) == ("invalid_message", None)
+    short = b"[" * 3000 + b"1," * 10 + b"1" + b"]" * 3000
+    assert failure(b'{"id":"m","a":' + short + b"}").message_id == "m"
 
 
 def test_scanning_a_deep_line_takes_time_in_proportion_to_it() -> None:

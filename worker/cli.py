@@ -44,12 +44,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return anyio.run(handler, args, backend="asyncio")
     except FatalError as exc:
-        print(f"bidlog: {exc}", file=sys.stderr)
+        tools.say(str(exc))
         return 1
     except BrokenPipeError:
         return tools.output_closed(args.command)
     except OSError as exc:  # e.g. stdout on a full disk: one line, not a traceback
-        print(f"bidlog: {args.command}: {exc.strerror or exc}", file=sys.stderr)
+        tools.say(f"{args.command}: {exc.strerror or exc}")
         return 1
     except KeyboardInterrupt:
         return 130

@@ -149,8 +149,17 @@ def output_closed(command: str) -> int:
 
 
 def _fail(message: str) -> int:
-    print(f"bidlog: {message}", file=sys.stderr)
+    say(message)
     return 1
+
+
+def say(message: str) -> None:
+    """``bidlog: MESSAGE`` on stderr. A stderr that is gone (a closed terminal) is no
+    reason to fail: an export that published its file still exits 0."""
+    try:
+        print(f"bidlog: {message}", file=sys.stderr)
+    except (OSError, ValueError):
+        pass
 
 
 def _print_json(value: Any) -> None:
@@ -252,7 +261,7 @@ async def run_export(args: argparse.Namespace) -> int:
                 with tmp.open("wb") as out:
                     count = await _export(store, out, Progress.on_terminal("export"))
                 archive.publish(tmp, args.out)
-            print(f"bidlog: exported {count} events to {args.out}", file=sys.stderr)
+            say(f"exported {count} events to {args.out}")
     except BrokenPipeError:
         return output_closed("export")
     except OSError as exc:
@@ -360,7 +369,7 @@ class _Stop:
                 return
 
     def report(self, message: str) -> int:
-        print(f"bidlog: {message}", file=sys.stderr)
+        say(message)
         return 128 + self.signum
 
 

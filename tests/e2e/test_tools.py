@@ -639,3 +639,27 @@ def test_export_to_stdout_draws_no_progress(big: tuple[Path, Path], tmp_path: Pa
     status, out, terminal = on_terminal(tmp_path, "export", "--db", db)
     assert (status, terminal) == (0, "")
     assert out == export.read_bytes()
+
+
+@pytest.mark.parametrize("command", ["export", "backup"])
+def test_a_terminal_gone_does_not_fail_work_that_succeeded(
+    big: tuple[Path, Path], tmp_path: Path, command: str
+) -> None:
+    """stderr is a terminal that is closed: progress and the closing message cannot be
+    written. The export was complete and published, yet exited 1 (review)."""
+    db, export = big
+    out = tmp_path / "out"
+    master, slave = pty.openpty()
+    os.close(master)  # the terminal is gone before anything is written to it
+    try:
+        done = subprocess.run(
+            [str(BIN), command, "--db", str(db), "--out", str(out)],
+            stdout=subprocess.PIPE, stderr=slave, timeout=120, check=False,
+        )  # fmt: skip
+    finally:
+        os.close(slave)
+    assert done.returncode == 0
+    if command == "export":
+        assert out.read_bytes() == export.read_bytes()
+    else:
+        assert msgspec.json.decode(done.stdout)["events"] == _events(db)

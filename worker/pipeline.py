@@ -33,7 +33,7 @@ log = logging.getLogger("bidlog.pipeline")
 
 _GONE = (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError)
 BATCH_BYTES = 4 << 20  # of lines in one batch (and in one waiting chunk), about
-SEND_SLICE = 256 << 10  # replies are written at most this many bytes at a time
+SEND_SLICE = 64 << 10  # replies are written at most this many bytes at a time
 
 
 class Window:
@@ -73,7 +73,11 @@ class Connection:
     at the end of its input (or when the worker stops) the connection waits until its
     replies are written (``drained``). Either way, a peer that takes none of them for
     ``patience`` seconds is dropped: reading stops, its remaining replies are discarded
-    (what it sent is still committed), and the stream is closed.
+    (what it sent is still committed), and the stream is closed. Stdin and stdout are no
+    such peer (``one_peer`` false: a pager that pauses is backpressure): there only a
+    stopping worker drops them. Once the worker stops, a connection still taking its
+    replies ``stop_grace`` seconds later is dropped too, however steadily it reads: a
+    stop ends in bounded time (before a service manager's SIGKILL).
     """
 
     def __init__(
@@ -84,9 +88,13 @@ class Connection:
         limit: int,
         patience: float,
         one_peer: bool = True,
+        stopped_since: Callable[[], float | None] = lambda: None,
+        stop_grace: float = math.inf,
     ) -> None:
         self.window = window
         self.one_peer = one_peer
+        self.stopped_since = stopped_since  # when the worker began to stop, if it has
+        self.stop_grace = stop_grace
         self._send = send
         self.limit = limit
         self.patience = patience
@@ -117,22 +125,17 @@ class Connection:
         while self.unwritten > self.limit and not self.dropped:
             with anyio.move_on_after(self.patience) as waited:
                 await self._wait_written()
-            if waited.cancelled_caught:
-                self.drop(f"it took none of its replies for {self.patience:g} s")
+            self._judge(stalled=waited.cancelled_caught)
 
     async def admit(self, count: int) -> None:
         """Room in the window for ``count`` more lines. While the window is full of lines
         whose replies wait to be written, a peer that takes none of them for
-        ``patience`` seconds is dropped, if it is also the one that sends (``one_peer``,
-        a socket): one that sends everything before it reads would otherwise wait for
-        the worker to read on, and the worker for it, for good. Stdin's sender is not
-        stdout's reader: a pager that pauses is backpressure, waited for."""
+        ``patience`` seconds is dropped: one that sends everything before it reads
+        would otherwise wait for the worker to read on, and the worker for it, for good.
+        (Not stdin: its sender is not stdout's reader.)"""
         window = self.window
         while window.used and window.used + count > window.size:  # as Window.acquire
-            if self.one_peer:
-                await self._lines_answered()
-            else:
-                await window.changed()
+            await self._lines_answered()
         window.used += count
 
     async def drained(self) -> None:
@@ -149,8 +152,17 @@ class Connection:
         taken = self.taken
         with anyio.move_on_after(self.patience) as waited:
             await self.window.changed()
-        if waited.cancelled_caught and self.unwritten and self.taken == taken:
+        if self.unwritten:
+            self._judge(stalled=waited.cancelled_caught and self.taken == taken)
+
+    def _judge(self, *, stalled: bool) -> None:
+        """Drop the connection if it ``stalled`` (took nothing for ``patience``) and is
+        one to drop for that, or if the worker has been stopping for ``stop_grace``."""
+        since = self.stopped_since()
+        if stalled and (self.one_peer or since is not None):
             self.drop(f"it took none of its replies for {self.patience:g} s")
+        elif since is not None and anyio.current_time() - since > self.stop_grace:
+            self.drop(f"it was still taking its replies {self.stop_grace:g} s into the stop")
 
     def written(self, size: int) -> None:
         self.unwritten -= size
@@ -205,10 +217,12 @@ class Worker:
         in_flight: int = 2048,
         max_unwritten: int = 16 << 20,
         patience: float = 10.0,
+        stop_grace: float = 30.0,
         turn: float = 0.02,
         max_waiting: int = 16 << 20,
     ) -> None:
         self.applier = applier
+        self.stop_grace = stop_grace
         self.max_batch = max_batch
         self.in_flight = in_flight
         self.max_unwritten = max_unwritten
@@ -225,6 +239,7 @@ class Worker:
         self._reading = 0
         self._no_readers = anyio.Event()
         self._stopping = False
+        self._stopped_at: float | None = None
         self.stopped = anyio.Event()
         self._tg: anyio.abc.TaskGroup | None = None
 
@@ -339,6 +354,8 @@ class Worker:
             limit=self.max_unwritten,
             patience=self.patience,
             one_peer=one_peer,
+            stopped_since=lambda: self._stopped_at,
+            stop_grace=self.stop_grace,
         )
         conn.on_drop = self._count_drop
         async with anyio.create_task_group() as tg:
@@ -444,6 +461,8 @@ class Worker:
     def stop_reading(self) -> None:
         """Stop every reader; what was read is still committed and answered."""
         self._stopping = True
+        if self._stopped_at is None:
+            self._stopped_at = anyio.current_time()
         self.stopped.set()
         for scope in list(self._readers):
             scope.cancel()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -739,6 +740,48 @@ async def test_stopping_gives_a_client_that_takes_no_replies_only_patience(db: P
         assert worker.dropped == 1
         assert 0 < await _drain(silent) < 3000
         await silent.aclose()
+
+
+async def test_a_stop_ends_in_bounded_time_however_steadily_a_client_reads(
+    db: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Steady slow readers were waited for as long as they kept reading: four of them
+    at 200 KB/s kept a stopping worker 102 s, past a service manager's SIGKILL
+    (review). ``stop_grace`` after the stop, a connection still taking is dropped."""
+    users = [f"{a}{b}" for a in "ABCD" for b in "ABCDE"]
+    with anyio.fail_after(20):
+        async with worker_on(db, patience=0.5, stop_grace=1.0) as worker:
+            client_end, server_end = memory_stream_pair()
+            worker.task_group.start_soon(worker.serve, SlowReader(server_end, rate=200_000))
+            client = Client(client_end)
+            assert all(r["ok"] for r in await client.ask(create_area(), *map(register, users)))
+            await client.send(*[get_state() for _ in range(300)])  # about 1.5 MB: 7 s
+            await client.receive(1)
+            started = anyio.current_time()
+        # Leaving the block stopped the worker: it took about stop_grace, not 7 s.
+        assert anyio.current_time() - started < 4
+        assert worker.dropped == 1
+    assert "still taking its replies 1 s into the stop" in caplog.text
+    await client_end.aclose()
+
+
+async def test_stdout_is_waited_for_at_the_end_of_input_however_long_it_pauses(
+    db: Path,
+) -> None:
+    """``serve < FILE | less``: the input ends while the pager pauses; stdin's writer is
+    not stdout's reader, so the pause is waited for (it dropped the replies after the
+    patience and exited 1: review). Only a stop ends the wait (see above)."""
+    async with worker_on(db, patience=0.2) as worker:
+        client_end, server_end = memory_stream_pair(max_buffer=0)  # a send waits for a read
+        worker.task_group.start_soon(partial(worker.serve, server_end, one_peer=False))
+        lines = [line(get_state(id=f"q{n}")) for n in range(2000)]
+        await client_end.send(b"".join(lines))
+        await client_end.send_eof()
+        await anyio.sleep(1.0)  # five patiences without reading a byte
+        with anyio.fail_after(20):
+            answered = await _drain(client_end)
+        assert (answered, worker.dropped) == (2000, 0)
+        await client_end.aclose()
 
 
 async def test_stopping_waits_for_a_client_that_is_still_taking_its_replies(db: Path) -> None:

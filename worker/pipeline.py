@@ -131,8 +131,8 @@ class Connection:
         """Room in the window for ``count`` more lines. While the window is full of lines
         whose replies wait to be written, a peer that takes none of them for
         ``patience`` seconds is dropped: one that sends everything before it reads
-        would otherwise wait for the worker to read on, and the worker for it, for good.
-        (Not stdin: its sender is not stdout's reader.)"""
+        would otherwise wait for the worker to read on, and the worker for it, for good
+        (not stdin, until a stop: its sender is not stdout's reader; see ``_judge``)."""
         window = self.window
         while window.used and window.used + count > window.size:  # as Window.acquire
             await self._lines_answered()
@@ -142,7 +142,7 @@ class Connection:
         """Until every line read is answered and written; drops the connection if it
         has replies waiting and takes none of them for ``patience`` seconds (at the end
         of its input, or when the worker stops, a peer that does not read would
-        otherwise hold the worker for good)."""
+        otherwise hold the worker for good; stdin only when the worker stops)."""
         while self.window.used:
             await self._lines_answered()
 
@@ -521,9 +521,7 @@ async def _write_replies(
                         # many were coalesced (16 MiB at 250 KB/s took over a minute).
                         while sent < len(data):
                             piece = (
-                                data[sent : sent + SEND_SLICE]
-                                if sent or len(data) > SEND_SLICE
-                                else data
+                                data if len(data) <= SEND_SLICE else data[sent : sent + SEND_SLICE]
                             )
                             await stream.send(piece)
                             sent += len(piece)

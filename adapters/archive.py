@@ -31,12 +31,11 @@ from adapters.canonical import ZERO_HASH, canonical, chain_hash
 from adapters.sqlite_rows import (
     INSERT_EVENT,
     INSERT_SNAPSHOT,
-    TIME_FORM,
-    TIMESTAMP,
     Head,
     event_object,
     event_row,
     state_text,
+    time_fault,
 )
 from adapters.sqlite_schema import (
     DB_VERSION,
@@ -224,11 +223,9 @@ class _Loader:
             raise BadLine(
                 number, f"event {event.event_id}: hash does not match its content (altered)"
             )
-        if not TIMESTAMP.match(event.recorded_at):
-            raise BadLine(
-                number,
-                f"event {event.event_id}: recorded_at {event.recorded_at!r} is not {TIME_FORM}",
-            )
+        fault = time_fault(event.event_id, event.recorded_at)
+        if fault is not None:
+            raise BadLine(number, fault)
         if event.recorded_at < head.recorded_at:
             raise BadLine(number, f"event {event.event_id}: decreasing recorded_at")
 

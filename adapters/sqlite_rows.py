@@ -30,6 +30,14 @@ INSERT_SNAPSHOT = "INSERT INTO snapshots (event_id, bid_year, area, state) VALUE
 TIMESTAMP = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z\Z")
 TIME_FORM = "a UTC time with microseconds (2026-01-01T00:00:00.000000Z)"
 
+
+def time_fault(event_id: int, at: object) -> str | None:
+    """Why ``at`` is not a ``recorded_at`` the store writes (event ``event_id``'s)."""
+    if isinstance(at, str) and TIMESTAMP.match(at) is not None:
+        return None
+    return f"event {event_id}: recorded_at {at!r} is not {TIME_FORM}"
+
+
 Row = tuple[Any, ...]
 _json = msgspec.json.Encoder(order="sorted").encode  # = adapters.canonical.canonical
 _HASHED = (

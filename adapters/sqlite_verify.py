@@ -11,15 +11,7 @@ from typing import NoReturn
 
 from adapters.canonical import chain_hash
 from adapters.sqlite_reads import belongs, events_after, head, point
-from adapters.sqlite_rows import (
-    TIME_FORM,
-    TIMESTAMP,
-    Head,
-    Row,
-    decode_state,
-    event_dict,
-    row_event,
-)
+from adapters.sqlite_rows import Head, Row, decode_state, event_dict, row_event, time_fault
 from domain.deltas import before_fault, is_restorable_part
 from domain.errors import IntegrityError
 from domain.events import SCHEMA_VERSION, Event, authorship_fault
@@ -124,8 +116,9 @@ class Verifier:
         if obj["prev_hash"] != self.prev.hash or chain_hash(self.prev.hash, obj) != stored:
             _fail(row[0], f"hash chain broken at event {row[0]}")
         at = obj["recorded_at"]
-        if not isinstance(at, str) or TIMESTAMP.match(at) is None:
-            _fail(row[0], f"event {row[0]}: recorded_at {at!r} is not {TIME_FORM}")
+        fault = time_fault(row[0], at)
+        if fault is not None:
+            _fail(row[0], fault)
         if at < self.prev.recorded_at:
             _fail(row[0], f"recorded_at goes back at event {row[0]}")
         self.prev = Head(row[0], stored, obj["recorded_at"])

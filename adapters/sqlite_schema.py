@@ -131,6 +131,21 @@ class WriterLock:
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         return cls(fd)
 
+    @classmethod
+    def inherit(cls, fd: int) -> WriterLock:
+        """The lock another process holds and passed on (the same open file: it is
+        held until both close it). Raises ``StoreError`` if ``fd`` does not hold it."""
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a no-op on the holder's file
+        except OSError as exc:
+            raise StoreError(f"descriptor {fd} does not hold the writer lock: {exc}") from exc
+        return cls(fd)
+
+    @property
+    def fd(self) -> int:
+        assert self._fd is not None, "the lock was released"
+        return self._fd
+
     @staticmethod
     def held(db_path: Path) -> bool:
         """Whether a process holds the writer lock of ``db_path`` now."""

@@ -121,19 +121,27 @@ class SqliteStore:
         synchronous: str = "full",
         writer: bool = True,
         fault: FaultHook | None = None,
+        lock_fd: int | None = None,
     ) -> SqliteStore:
         """Open (a writer creates it) the database at ``path``.
 
         A writer takes an exclusive ``flock`` on ``<path>.lock`` and raises
         ``DatabaseLocked`` while another process holds it. ``writer=False`` opens
         read-only (``mode=ro``), which works while a writer serves (WAL readers).
+        ``lock_fd``: a writer lock held already, passed on by the process that took it
+        (``adapters.sqlite_writer``'s child).
         Raises ``SchemaVersionError`` for a database of another schema version and
         ``StoreError`` for a missing (reader) or foreign file.
         """
         where = Path(path)
         mode = _synchronous(synchronous)
         _require_file(where, writer)
-        lock = WriterLock.acquire(where) if writer else None
+        if not writer:
+            lock = None
+        elif lock_fd is not None:
+            lock = WriterLock.inherit(lock_fd)
+        else:
+            lock = WriterLock.acquire(where)
         try:
             return await cls._connect(where, mode, lock, fault)
         except BaseException:
@@ -164,6 +172,18 @@ class SqliteStore:
     @property
     def writer(self) -> bool:
         return self._lock is not None
+
+    @property
+    def lock_fd(self) -> int:
+        """The writer lock's descriptor, to pass on to a writer process."""
+        if self._lock is None:
+            raise StoreError(f"{self.path} is open read-only")
+        return self._lock.fd
+
+    def follow(self, head: Head) -> None:
+        """Another connection (a writer process holding this store's lock) committed up
+        to ``head``: verify stops there, and ``head()`` answers it."""
+        self._head = head
 
     async def close(self) -> None:
         """Close the connection, then drop the writer lock. Safe to call twice."""

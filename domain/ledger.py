@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Mapping
+from dataclasses import dataclass
 from types import MappingProxyType
+from typing import TypeVar
 
 from domain.commands import Command, RegisterUser, Rollback, SubmitBid, WithdrawBid
 from domain.decide import Context, decide
@@ -38,6 +40,8 @@ def format_timestamp(moment: dt.datetime) -> str:
     return prefix + _SECONDS[moment.second] + str(1_000_000 + moment.microsecond)[1:] + "Z"
 
 
+K = TypeVar("K")
+V = TypeVar("V")
 _MINUTES: dict[tuple[int, int, int, int, int], str] = {}
 _SECONDS = [f"{second:02d}." for second in range(60)]
 _BIDS = (SubmitBid, WithdrawBid)  # decided on a scope kept mutable (domain.working)
@@ -61,8 +65,16 @@ class Ledger:
     def draft(self) -> Draft:
         return Draft(self)
 
-    def commit(self, draft: Draft) -> None:
-        """Make ``draft`` current (call only after its batch is durably committed)."""
+    def commit(self, draft: Draft) -> Undo:
+        """Make ``draft`` current: after its batch is durably committed, or while a
+        writer commits it, keeping what ``undo`` needs to put things back if that fails.
+        Drafts begun after this one build on it, so undo those first (or discard them)."""
+        undo = Undo(
+            {key: self.scopes.get(key) for key in draft.scopes},
+            {key: self.since_snapshot.get(key) for key in draft.since_snapshot},
+            self.head_event,
+            self.last_recorded_at,
+        )
         for key, found in draft.scopes.items():
             if isinstance(found, Working):
                 found = draft.scopes[key] = found.freeze()
@@ -70,6 +82,32 @@ class Ledger:
         self.since_snapshot.update(draft.since_snapshot)
         self.head_event = draft.head_event
         self.last_recorded_at = draft.last_recorded_at
+        return undo
+
+    def undo(self, undo: Undo) -> None:
+        """Put back what the ``commit`` that returned ``undo`` changed (its batch failed)."""
+        _restore(self.scopes, undo.scopes)
+        _restore(self.since_snapshot, undo.since_snapshot)
+        self.head_event = undo.head_event
+        self.last_recorded_at = undo.last_recorded_at
+
+
+@dataclass(frozen=True)
+class Undo:
+    """What one ``Ledger.commit`` replaced: None for what did not exist before it."""
+
+    scopes: dict[ScopeKey, ScopeState | None]
+    since_snapshot: dict[ScopeKey, int | None]
+    head_event: int
+    last_recorded_at: str
+
+
+def _restore(values: dict[K, V], previous: Mapping[K, V | None]) -> None:
+    for key, value in previous.items():
+        if value is None:
+            values.pop(key, None)
+        else:
+            values[key] = value
 
 
 class Draft:

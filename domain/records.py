@@ -57,6 +57,11 @@ class StoredAlready(Exception):
         self.acks = acks
 
 
+class OutcomeUnknown(Exception):
+    """The store cannot tell whether a batch was committed (its writer is gone). The
+    worker must stop without answering that batch; a restart recovers from the log."""
+
+
 @dataclass(frozen=True)
 class Recovered:
     """Every scope's current state as storage holds it, for startup."""

@@ -15,13 +15,14 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
 
 from adapters import codec
 from adapters.transports import TooLarge
 from domain import errors
 from domain.commands import BaseCommand, BaseQuery, Command, Query, Rollback
-from domain.ledger import Draft, Ledger
-from domain.records import Ack, Batch, StoredAlready
+from domain.ledger import Draft, Ledger, Undo
+from domain.records import Ack, Batch, OutcomeUnknown, StoredAlready
 from domain.state import ScopeState
 from worker import queries
 from worker.ports import Clock, Store
@@ -103,6 +104,20 @@ class Applier:
         self.store = store
         self.ledger = ledger
         self.clock = clock
+        # A store with a writer of its own (a process) commits one batch while the next
+        # is decided: the ledger takes that batch's changes as it is sent (undone if
+        # its commit fails), and its replies wait in ``_sent`` for the outcome.
+        self._writer = store if isinstance(store, Pipelined) else None
+        self._sent: _Sent | None = None
+
+    @property
+    def busy(self) -> bool:
+        """A batch is being committed; ``settle()`` answers it."""
+        return self._sent is not None
+
+    async def settle(self) -> None:
+        """Wait for the batch being committed, then send its replies."""
+        await self._settled(None)
 
     async def process(
         self, requests: Sequence[Request], *, turn: float = math.inf
@@ -114,7 +129,8 @@ class Applier:
         connection whose outbox is ``full``. Returned: the requests (or the rest of one)
         not handled, for the caller to hand back later, and the outbox of the connection
         that ended the batch (None if none did). Everything handled is committed and
-        answered before this returns.
+        answered before this returns, but with a pipelined store the last batch may
+        still be in flight (``busy``): the next call, or ``settle()``, answers it.
         """
         run = _Run(self.ledger.draft(), self.clock.now())
         started = time.monotonic()
@@ -124,16 +140,16 @@ class Applier:
                 item = _decode(frame)
                 if isinstance(item, codec.Decoded) and isinstance(item.message, _READS_LOG):
                     if outbox.full():  # this line and the rest wait for the reader
-                        await self._flush(run)
+                        await self._flush(run, settle=False)
                         return [Request(frames[i:], outbox), *requests[at + 1 :]], outbox
                     await self._handle_read(run, outbox, item)
                     if time.monotonic() - started >= turn:
-                        await self._flush(run)
+                        await self._flush(run, settle=False)
                         rest = [Request(frames[i + 1 :], outbox)] if i + 1 < len(frames) else []
                         return rest + list(requests[at + 1 :]), outbox
                 else:
                     self._take(run, _Line(outbox, item))
-        await self._flush(run)
+        await self._flush(run, settle=False)
         return [], None
 
     async def _handle_read(self, run: _Run, outbox: Outbox, item: codec.Decoded) -> None:
@@ -215,8 +231,20 @@ class Applier:
         data = codec.ack_reply(command.id, ack.event_id, ack.seq, ack.recorded_at)
         run.replies.append(_Reply(request, data, True, command.id))
 
-    async def _flush(self, run: _Run) -> None:
-        """Commit the run's lines (checking their ids are new), then send their replies."""
+    async def _flush(self, run: _Run, *, settle: bool = True) -> None:
+        """Commit the run's lines (checking their ids are new), then send their replies.
+
+        With a pipelined store and ``settle`` False, a run with events is only sent: it
+        is answered when the next flush (or ``settle()``) has its outcome."""
+        await self._settled(run)
+        if self._writer is not None and not settle and run.draft.entries:
+            await self._send(self._writer, run)
+            return
+        await self._commit(run)
+        self._reset(run)
+
+    async def _commit(self, run: _Run) -> None:
+        """Commit the run's lines now, then send their replies."""
         while True:
             fresh = tuple(run.fresh)
             try:
@@ -233,12 +261,62 @@ class Applier:
         _deliver(run.replies, failed)
         if not failed:
             run.known.update(run.pending_acks)
-        run.replies.clear()
-        run.fresh.clear()
-        run.pending_acks.clear()
-        run.lines.clear()
+
+    def _reset(self, run: _Run) -> None:
+        """Begin the run's next transaction."""
+        run.replies = []
+        run.fresh = {}
+        run.pending_acks = {}
+        run.lines = []
         run.draft = self.ledger.draft()
         run.now = self.clock.now()
+
+    async def _send(self, writer: Pipelined, run: _Run) -> None:
+        """Hand the run's batch to the writer and go on: the ledger moves now (undone if
+        the commit fails); its replies wait for the outcome."""
+        batch = Batch(tuple(run.draft.entries), tuple(run.pending_acks.values()), tuple(run.fresh))
+        await writer.submit(batch)
+        undo = self.ledger.commit(run.draft)
+        sent = _Run(
+            run.draft, run.now, dict(run.known), run.fresh, run.pending_acks, run.replies, run.lines
+        )
+        self._sent = _Sent(sent, undo, len(batch.entries), time.perf_counter())
+        run.known.update(run.pending_acks)  # as if stored; if not, the run is decided again
+        self._reset(run)
+
+    async def _settled(self, run: _Run | None) -> None:
+        """Wait for the batch in flight, if any, and answer it. If it was not committed
+        as sent, the ledger goes back and ``run`` (decided after it) is decided again."""
+        sent, self._sent = self._sent, None
+        if sent is None:
+            return
+        assert self._writer is not None
+        as_sent = True
+        try:
+            await self._writer.outcome()
+        except StoredAlready as stored:
+            # Nothing written: decide its lines again knowing those records, and commit
+            # them now (rare: a re-sent command in the batch).
+            as_sent = False
+            self.ledger.undo(sent.undo)
+            sent.run.known.update(stored.acks)
+            self._decide_again(sent.run)
+            await self._commit(sent.run)
+        except OutcomeUnknown:
+            raise
+        except Exception as exc:
+            as_sent = False
+            self.ledger.undo(sent.undo)
+            _log_failed(sent.events, exc)
+            _deliver(sent.run.replies, failed=True)
+        else:
+            _deliver(sent.run.replies, failed=False)
+            _log_committed(sent.events, sent.started)
+        if not as_sent and run is not None:
+            for message_id in sent.run.pending_acks:
+                run.known.pop(message_id, None)
+            if run.lines:
+                self._decide_again(run)
 
     async def _store(self, run: _Run, fresh: tuple[str, ...]) -> bool:
         """Append the draft (or, with no events, look the ids up); False if that failed."""
@@ -257,24 +335,13 @@ class Applier:
         started = time.perf_counter()
         try:
             await self.store.append(batch)
-        except StoredAlready:
+        except (StoredAlready, OutcomeUnknown):
             raise
         except Exception as exc:
-            log.error(
-                "commit failed; %d events not stored: %s",
-                len(batch.entries),
-                exc,
-                extra={"events": len(batch.entries)},
-            )
+            _log_failed(len(batch.entries), exc)
             return False
         self.ledger.commit(run.draft)
-        log.debug(
-            "batch committed",
-            extra={
-                "events": len(batch.entries),
-                "commit_ms": round((time.perf_counter() - started) * 1000, 3),
-            },
-        )
+        _log_committed(len(batch.entries), started)
         return True
 
     def _decide_again(self, run: _Run) -> None:
@@ -285,6 +352,35 @@ class Applier:
         run.replies.clear()
         for line in run.lines:
             self._decide(run, line)
+
+
+@dataclass(slots=True)
+class _Sent:
+    """A batch the writer is committing: its run (lines, replies) and the ledger's undo."""
+
+    run: _Run
+    undo: Undo
+    events: int
+    started: float
+
+
+@runtime_checkable
+class Pipelined(Protocol):
+    """A store whose appends can be waited for later: ``submit`` sends a batch,
+    ``outcome`` returns when it is committed or raises as ``Store.append`` does."""
+
+    async def submit(self, batch: Batch) -> None: ...
+
+    async def outcome(self) -> None: ...
+
+
+def _log_failed(events: int, exc: Exception) -> None:
+    log.error("commit failed; %d events not stored: %s", events, exc, extra={"events": events})
+
+
+def _log_committed(events: int, started: float) -> None:
+    elapsed = round((time.perf_counter() - started) * 1000, 3)
+    log.debug("batch committed", extra={"events": events, "commit_ms": elapsed})
 
 
 def _deliver(replies: list[_Reply], failed: bool) -> None:

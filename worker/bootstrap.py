@@ -11,7 +11,9 @@ from pathlib import Path
 
 from adapters.clock import SystemClock
 from adapters.sqlite_store import SqliteStore
+from adapters.sqlite_writer import ProcessStore
 from domain.ledger import Ledger
+from domain.records import OutcomeUnknown
 from worker.applier import Applier
 from worker.pipeline import Worker, running
 from worker.ports import Clock
@@ -28,6 +30,9 @@ class Settings:
     synchronous: str = "full"
     checkpoint_every: int = 1000
     max_batch: int = 512
+    # "process": appends in a writer process, overlapping the next batch's decisions
+    # (adapters.sqlite_writer); "thread": all in this process, on aiosqlite's thread.
+    writer: str = "process"
 
 
 class FatalError(Exception):
@@ -44,6 +49,26 @@ async def open_store(settings: Settings, *, writer: bool) -> SqliteStore:
         )
     except Exception as exc:
         raise FatalError(f"cannot open {settings.db}: {exc}") from exc
+
+
+async def open_writer(settings: Settings) -> SqliteStore | ProcessStore:
+    """Open the database for a worker, with a writer process if ``settings`` say so."""
+    if settings.writer == "thread":
+        return await open_store(settings, writer=True)
+    try:
+        return await ProcessStore.open(str(settings.db), synchronous=settings.synchronous)
+    except Exception as exc:
+        raise FatalError(f"cannot open {settings.db}: {exc}") from exc
+
+
+def _lost(group: BaseExceptionGroup[BaseException]) -> OutcomeUnknown | None:
+    """The ``OutcomeUnknown`` that stopped the applier, if that is what happened."""
+    for exc in group.exceptions:
+        if isinstance(exc, OutcomeUnknown):
+            return exc
+        if isinstance(exc, BaseExceptionGroup) and (found := _lost(exc)) is not None:
+            return found
+    return None
 
 
 GC_YOUNG = 50_000
@@ -69,7 +94,7 @@ def tune_gc() -> None:
 @asynccontextmanager
 async def serving(settings: Settings, clock: Clock | None = None) -> AsyncIterator[Worker]:
     """Open the store, recover every scope, and run a worker until the block exits."""
-    store = await open_store(settings, writer=True)
+    store = await open_writer(settings)
     started = False
     try:
         try:
@@ -93,8 +118,19 @@ async def serving(settings: Settings, clock: Clock | None = None) -> AsyncIterat
         )
         started = True
         applier = Applier(store, ledger, clock or SystemClock())
-        async with running(Worker(applier, max_batch=settings.max_batch)) as worker:
-            yield worker
+        try:
+            async with running(Worker(applier, max_batch=settings.max_batch)) as worker:
+                yield worker
+        except BaseExceptionGroup as group:
+            lost = _lost(group)
+            if lost is None:
+                raise
+            log.critical("stopping: %s", lost)
+            raise FatalError(
+                f"stopped: {lost}. Start the worker again: it recovers from the "
+                "database; senders re-send what was not answered (a command already "
+                "stored is answered as a duplicate)"
+            ) from None
     finally:
         # The head at stop and at the next start must match: kept logs are an anchor
         # outside the file (the chain alone cannot show its newest events cut off).

@@ -70,6 +70,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PATH",
         help="serve a Unix stream socket (mode 0600)",
     )
+    serve.add_argument(
+        "--writer",
+        choices=("process", "thread"),
+        default="process",
+        help="where commits run: a writer process, overlapping the next batch's "
+        "decisions (default), or a thread of this process",
+    )
     serve.set_defaults(handler=run_serve)
     state = sub.add_parser("state", parents=[common], help="print a scope's state as JSON")
     _scope_options(state)
@@ -162,7 +169,10 @@ def _timestamp(text: str) -> dt.datetime:
 
 def settings_from(args: argparse.Namespace) -> Settings:
     return Settings(
-        db=args.db, synchronous=args.synchronous, checkpoint_every=args.checkpoint_every
+        db=args.db,
+        synchronous=args.synchronous,
+        checkpoint_every=args.checkpoint_every,
+        writer=getattr(args, "writer", "process"),
     )
 
 

@@ -248,6 +248,10 @@ class Worker:
         process it; end when the inbox is closed and empty."""
         while True:
             while not self._ring:
+                if self.applier.busy:  # nothing to decide meanwhile: answer what commits
+                    with anyio.CancelScope(shield=True):
+                        await self.applier.settle()
+                    continue
                 if self._closed and not self._parked:
                     return
                 if self._work.is_set():

@@ -349,3 +349,48 @@ def test_a_draft_of_many_or_few_bids_commits_what_evolve_gives(bidders: int) -> 
     assert h.state() == replay(start, events)
     bidders_left = sorted(set(names) - {names[-1]})  # the last one withdrew
     assert [b.initials for b in h.state().rounds[0].bids] == bidders_left
+
+
+def _snapshot(book: Ledger) -> tuple[object, ...]:
+    return (dict(book.scopes), dict(book.since_snapshot), book.head_event, book.last_recorded_at)
+
+
+def test_undo_puts_back_exactly_what_a_commit_changed() -> None:
+    """A writer process commits a batch while the next is decided: the ledger takes the
+    batch as it is sent, and gives it back if the commit fails."""
+    book = Ledger(checkpoint_every=3)
+    first = book.draft()
+    first.apply(create_area(), now=NOW)
+    first.apply(register_user("AB"), now=NOW)
+    book.commit(first)
+    before = _snapshot(book)
+
+    second = book.draft()
+    second.apply(register_user("CD"), now=NOW + dt.timedelta(seconds=1))  # a checkpoint too
+    second.apply(open_round(), now=NOW + dt.timedelta(seconds=1))
+    second.apply(submit_bid("AB"), now=NOW + dt.timedelta(seconds=1))
+    second.apply(create_area(area="South"), now=NOW + dt.timedelta(seconds=1))
+    undo = book.commit(second)
+    assert _snapshot(book) != before and book.state(SOUTH) is not None
+
+    book.undo(undo)
+    assert _snapshot(book) == before
+    assert book.state(SOUTH) is None and SOUTH not in book.since_snapshot
+    again = book.draft()
+    entry, checkpoint_due = again.apply(register_user("CD"), now=NOW)  # the third again
+    assert (entry.event.event_id, checkpoint_due.event.action) == (3, "checkpoint")
+
+
+def test_undos_taken_in_reverse_order_restore_the_start() -> None:
+    book = Ledger()
+    start = _snapshot(book)
+    undos = []
+    for initials in ("AB", "CD", "EF"):
+        draft = book.draft()
+        if book.state(KEY) is None:
+            draft.apply(create_area(), now=NOW)
+        draft.apply(register_user(initials), now=NOW)
+        undos.append(book.commit(draft))
+    for undo in reversed(undos):
+        book.undo(undo)
+    assert _snapshot(book) == start

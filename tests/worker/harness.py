@@ -14,6 +14,7 @@ import msgspec
 
 from adapters.clock import FixedClock
 from adapters.sqlite_store import SqliteStore
+from adapters.sqlite_writer import ProcessStore
 from domain.ledger import Ledger
 from tests.wire import Msg, line
 from worker.applier import Applier
@@ -55,10 +56,16 @@ async def worker_on(
     fault: Any = None,
     clock: Any = None,
     checkpoint_every: int = 1000,
+    writer: str = "thread",
     **worker_options: Any,
 ) -> AsyncIterator[Worker]:
-    """A worker over a real database file, stopped (drained) when the block exits."""
-    store = await SqliteStore.open(str(db), fault=fault)
+    """A worker over a real database file, stopped (drained) when the block exits.
+    ``writer="process"``: appends in a writer process (``fault`` goes there)."""
+    store: SqliteStore | ProcessStore
+    if writer == "process":
+        store = await ProcessStore.open(str(db), fault=fault)
+    else:
+        store = await SqliteStore.open(str(db), fault=fault)
     try:
         ledger = Ledger(await store.recover(), checkpoint_every=checkpoint_every)
         applier = Applier(store, ledger, clock or FixedClock(START))

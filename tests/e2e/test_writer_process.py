@@ -1,0 +1,92 @@
+"""``bidlog serve`` appends through a writer process: what happens when either dies."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.proc import SocketClient, bidlog, replies, start_socket_worker
+from tests.wire import EXAMPLE, create_area, line, register
+
+
+def writer_of(pid: int) -> int:
+    """The worker's one child: its writer process."""
+    (child,) = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return int(child)
+
+
+def gone(pid: int, within: float) -> bool:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+        except FileNotFoundError:
+            return True
+        if state == "Z":  # dead, not yet reaped by its parent
+            return True
+        time.sleep(0.01)
+    return False
+
+
+def test_a_worker_killed_takes_its_writer_process_with_it(tmp_path: Path) -> None:
+    db, sock = tmp_path / "w.sqlite3", tmp_path / "s"
+    worker = start_socket_worker(db, sock)
+    try:
+        client = SocketClient(sock)
+        assert client.ask([line(create_area(id="a1"))])[0]["ok"]
+        client.close()
+        child = writer_of(worker.pid)
+        worker.kill()
+        worker.wait(10)
+        assert gone(child, within=5), "the writer process outlived its worker"
+    finally:
+        worker.kill()
+        worker.wait(10)
+    again = start_socket_worker(db, sock)  # the lock went with both
+    try:
+        client = SocketClient(sock)
+        answer = client.ask([line(create_area(id="a1"))])[0]
+        client.close()
+    finally:
+        again.terminate()
+        assert again.wait(30) == 0
+    assert answer["duplicate"] is True and answer["event_id"] == 1
+    assert bidlog("verify", "--db", db).returncode == 0
+
+
+def test_a_writer_process_killed_stops_the_worker_with_a_clear_error(tmp_path: Path) -> None:
+    db, sock = tmp_path / "w.sqlite3", tmp_path / "s"
+    worker = start_socket_worker(db, sock)
+    try:
+        client = SocketClient(sock)
+        assert client.ask([line(create_area(id="a1"))])[0]["ok"]
+        os.kill(writer_of(worker.pid), signal.SIGKILL)
+        client.send([line(register("AB", id="r1"))])
+        assert client.file.readline() == b""  # not answered: its outcome is unknown
+        client.close()
+        assert worker.wait(30) == 1
+    finally:
+        worker.kill()
+        worker.wait(10)
+    log = sock.with_name(sock.name + ".log").read_text()
+    assert "Traceback" not in log
+    assert "bidlog: stopped: the writer process" in log and "killed by signal 9" in log
+    assert "Start the worker again" in log
+    # Started again, the worker recovers; the command sent is applied once at most.
+    out = bidlog("serve", "--db", db, stdin=line(register("AB", id="r1")))
+    (answer,) = replies(out.stdout)
+    assert answer["ok"] and answer["event_id"] == 2
+    assert bidlog("verify", "--db", db).returncode == 0
+
+
+@pytest.mark.parametrize("writer", ["thread", "process"])
+def test_both_writers_answer_the_example_session_alike(tmp_path: Path, writer: str) -> None:
+    db = tmp_path / "e.sqlite3"
+    out = bidlog("serve", "--writer", writer, "--db", db, stdin=EXAMPLE.read_bytes())
+    assert out.returncode == 0, out.stderr
+    answers = replies(out.stdout)
+    assert len(answers) == 15 and all(a["ok"] for a in answers)

@@ -1,0 +1,148 @@
+"""The applier over a writer process: one batch commits while the next is decided.
+
+The next batch is decided on the ledger as if the one in flight had committed; when that
+commit fails, the ledger goes back and the next batch is decided again. These tests put
+the applier in exactly that position (two ``process`` calls, the first left in flight)
+with faults injected in the writer process, and check the replies, the ledger and the
+file agree.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import anyio
+import msgspec
+import pytest
+
+from adapters.clock import FixedClock
+from adapters.sqlite_store import FailAt, SqliteStore
+from adapters.sqlite_writer import ProcessStore
+from domain.ledger import Ledger
+from domain.records import OutcomeUnknown
+from domain.state import render
+from tests.wire import Msg, create_area, line, register
+from tests.worker.harness import START
+from worker.applier import Applier, Outbox, Request
+
+pytestmark = pytest.mark.anyio
+
+
+class Replies:
+    """One connection's outbox, collecting replies as dicts."""
+
+    def __init__(self) -> None:
+        self.got: list[dict[str, Any]] = []
+        self.outbox = Outbox(self._send)
+
+    def _send(self, item: tuple[bytes, int]) -> None:
+        data, _ = item
+        self.got += [msgspec.json.decode(x) for x in data.splitlines()]
+
+    def request(self, *messages: Msg) -> list[Request]:
+        return [Request([line(m).rstrip(b"\n") for m in messages], self.outbox)]
+
+
+@asynccontextmanager
+async def applier_on(db: Path, fault: FailAt | None = None) -> AsyncIterator[Applier]:
+    store = await ProcessStore.open(str(db), fault=fault)
+    try:
+        yield Applier(store, Ledger(await store.recover()), FixedClock(START))
+    finally:
+        await store.close()
+
+
+async def stored_states(db: Path) -> dict[Any, Any]:
+    store = await SqliteStore.open(str(db), writer=False)
+    try:
+        recovered = await store.recover()
+        assert await store.verify()
+    finally:
+        await store.close()
+    return {key: render(state) for key, state in recovered.scopes.items()}
+
+
+async def test_a_batch_is_answered_only_once_its_commit_returns(tmp_path: Path) -> None:
+    conn = Replies()
+    async with applier_on(tmp_path / "b.sqlite3") as applier:
+        await applier.process(conn.request(create_area(id="a1")))
+        assert applier.busy and conn.got == []  # in flight: not acknowledged yet
+        await applier.settle()
+        assert not applier.busy
+    assert [(r["id"], r["ok"], r["event_id"]) for r in conn.got] == [("a1", True, 1)]
+
+
+async def test_a_failed_batch_in_flight_takes_back_the_next_batchs_decisions(
+    tmp_path: Path,
+) -> None:
+    """The second batch was decided as if the first had committed (CD registered, so a
+    second CD was refused); the first fails, so the second is decided again: CD is new."""
+    db = tmp_path / "b.sqlite3"
+    first, second = Replies(), Replies()
+    async with applier_on(db, FailAt(1, skip=1)) as applier:
+        await applier.process(first.request(create_area(id="a1")))
+        await applier.settle()
+        await applier.process(first.request(register("CD", id="r1")))  # will fail
+        await applier.process(second.request(register("CD", id="r2")))
+        await applier.settle()
+        ledger = {key: render(state) for key, state in applier.ledger.scopes.items()}
+        head = applier.ledger.head_event
+    assert first.got[1]["id"] == "r1" and first.got[1]["error"]["code"] == "persistence_failed"
+    assert (second.got[0]["id"], second.got[0]["ok"], second.got[0]["event_id"]) == ("r2", True, 2)
+    assert head == 2
+    assert ledger == await stored_states(db)
+    assert [u["initials"] for u in ledger[(2026, "North")]["users"]] == ["CD"]
+
+
+async def test_a_batch_in_flight_with_a_stored_id_is_decided_again(tmp_path: Path) -> None:
+    """A new ``process`` call decides ids as new; the writer finds r1 stored, writes
+    nothing, and the batch is decided again (id_reused), then the one after it (EF is
+    new after all)."""
+    db = tmp_path / "b.sqlite3"
+    conn, other = Replies(), Replies()
+    async with applier_on(db) as applier:
+        await applier.process(conn.request(create_area(id="a1"), register("CD", id="r1")))
+        await applier.settle()
+        await applier.process(conn.request(register("EF", id="r1")))  # r1 used for CD
+        await applier.process(other.request(register("EF", id="r2")))
+        await applier.settle()
+        ledger = {key: render(state) for key, state in applier.ledger.scopes.items()}
+    assert conn.got[2]["error"]["code"] == "id_reused"
+    assert (other.got[0]["ok"], other.got[0]["event_id"]) == (True, 3)
+    assert ledger == await stored_states(db)
+    assert [u["initials"] for u in ledger[(2026, "North")]["users"]] == ["CD", "EF"]
+
+
+async def test_a_query_waits_for_the_batch_in_flight(tmp_path: Path) -> None:
+    conn = Replies()
+    async with applier_on(tmp_path / "b.sqlite3") as applier:
+        await applier.process(conn.request(create_area(id="a1")))
+        await applier.process(
+            conn.request(
+                register("CD", id="r1"),
+                {"id": "q1", "type": "get_state", "bid_year": 2026, "area": "North"},
+            )
+        )
+        await applier.settle()
+    assert [r["id"] for r in conn.got] == ["a1", "r1", "q1"]
+    assert [u["initials"] for u in conn.got[2]["result"]["users"]] == ["CD"]
+
+
+async def test_a_lost_writer_process_leaves_the_outcome_unknown(tmp_path: Path) -> None:
+    conn = Replies()
+    store = await ProcessStore.open(str(tmp_path / "b.sqlite3"))
+    try:
+        applier = Applier(store, Ledger(await store.recover()), FixedClock(START))
+        os.kill(store.writer_pid, signal.SIGKILL)
+        await applier.process(conn.request(create_area(id="a1")))
+        with pytest.raises(OutcomeUnknown, match=r"killed by signal 9.*may or may not be stored"):
+            with anyio.fail_after(10):
+                await applier.settle()
+    finally:
+        await store.close()
+    assert conn.got == []  # nothing acknowledged, nothing refused: unknown

@@ -89,6 +89,13 @@ def _frame(payload: bytes) -> bytes:
     return len(payload).to_bytes(_HEADER, "big") + payload
 
 
+def _complete(buffer: bytearray) -> bool:
+    """Whether ``buffer`` begins with a whole frame."""
+    return len(buffer) >= _HEADER and len(buffer) >= _HEADER + int.from_bytes(
+        buffer[:_HEADER], "big"
+    )
+
+
 async def _receive(reader: BufferedByteReceiveStream) -> bytes:
     size = int.from_bytes(await reader.receive_exactly(_HEADER), "big")
     return await reader.receive_exactly(size)
@@ -107,13 +114,18 @@ def _wire(batch: Batch) -> Batch:
 
 
 class WriterProcess:
-    """The child that appends; start with ``WriterProcess.start``."""
+    """The child that appends; start with ``WriterProcess.start``.
 
-    def __init__(self, process: anyio.abc.Process, stream: anyio.abc.SocketStream) -> None:
+    The worker's end of the socket pair is a plain non-blocking socket, waited on with
+    ``anyio.wait_readable`` and ``anyio.wait_writable``."""
+
+    def __init__(self, process: anyio.abc.Process, sock: socket.socket) -> None:
         self._process = process
-        self._stream = stream
-        self._reader = BufferedByteReceiveStream(stream)
+        self._sock = sock
+        sock.setblocking(False)
+        self._buffer = bytearray()
         self._sent = False
+        self._ended: BaseException | None = None  # why nothing more can come
 
     @classmethod
     async def start(
@@ -156,13 +168,7 @@ class WriterProcess:
             raise
         finally:
             theirs.close()
-        try:
-            stream = await anyio.abc.UNIXSocketStream.from_socket(ours)
-        except BaseException:
-            ours.close()
-            process.kill()
-            raise
-        writer = cls(process, stream)
+        writer = cls(process, ours)
         try:
             reply = await writer._reply()
         except BaseException:
@@ -180,19 +186,19 @@ class WriterProcess:
     def pid(self) -> int:
         return self._process.pid
 
-    @property
-    def in_flight(self) -> bool:
-        return self._sent
-
     async def submit(self, batch: Batch) -> None:
         """Send ``batch`` for commit; ``outcome()`` says how it went. One at a time."""
         if self._sent:
             raise RuntimeError("a batch is in flight: wait for its outcome first")
-        data = _frame(_encode(_wire(batch)))
+        data = memoryview(_frame(_encode(_wire(batch))))
         self._sent = True  # even if the send fails part way: the child may have it
         try:
-            await self._stream.send(data)
-        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
+            while data:
+                try:
+                    data = data[self._sock.send(data) :]
+                except BlockingIOError:
+                    await anyio.wait_writable(self._sock)
+        except OSError as exc:
             raise await self._lost("the batch could not be sent", exc) from exc
 
     async def outcome(self) -> Head:
@@ -215,11 +221,32 @@ class WriterProcess:
             raise StoreError(f"the writer process failed: {reply.message}")
         raise await self._lost(f"it answered {type(reply).__name__}", None)
 
+    def _read_available(self) -> None:
+        """Take in what the child has sent, without waiting."""
+        while self._ended is None:
+            try:
+                data = self._sock.recv(1 << 16)
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                self._ended = exc
+                return
+            if not data:
+                self._ended = EOFError("the socket was closed")
+                return
+            self._buffer += data
+
     async def _reply(self) -> Reply:
-        try:
-            payload = await _receive(self._reader)
-        except (anyio.EndOfStream, anyio.IncompleteRead, anyio.BrokenResourceError, OSError) as exc:
-            raise await self._lost("it ended", exc) from exc
+        while not _complete(self._buffer):
+            self._read_available()
+            if _complete(self._buffer):
+                break
+            if self._ended is not None:
+                raise await self._lost("it ended", self._ended)
+            await anyio.wait_readable(self._sock)
+        size = int.from_bytes(self._buffer[:_HEADER], "big")
+        payload = bytes(self._buffer[_HEADER : _HEADER + size])
+        del self._buffer[: _HEADER + size]
         try:
             reply: Reply = _decode_reply(payload)
         except msgspec.DecodeError as exc:
@@ -245,7 +272,7 @@ class WriterProcess:
     async def close(self) -> None:
         """End the child (it finishes a commit in progress) and wait for it."""
         with anyio.CancelScope(shield=True):
-            await self._stream.aclose()
+            self._sock.close()
             with anyio.move_on_after(30):
                 await self._process.wait()
                 return

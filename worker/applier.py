@@ -58,6 +58,7 @@ class Request:
 
 Item = codec.Decoded | codec.DecodeFailure
 _READS_LOG = (BaseQuery, Rollback)
+SEND_AT = 128  # lines decided that go to an idle writer at once
 
 
 @dataclass(slots=True)
@@ -100,7 +101,9 @@ class Applier:
     command gets its original reply. One trip to the store per batch, not two.
     """
 
-    def __init__(self, store: Store, ledger: Ledger, clock: Clock) -> None:
+    def __init__(
+        self, store: Store, ledger: Ledger, clock: Clock, *, send_at: int = SEND_AT
+    ) -> None:
         self.store = store
         self.ledger = ledger
         self.clock = clock
@@ -109,6 +112,18 @@ class Applier:
         # its commit fails), and its replies wait in ``_sent`` for the outcome.
         self._writer = store if isinstance(store, Pipelined) else None
         self._sent: _Sent | None = None
+        self.send_at = send_at
+
+    def _writer_idle(self, run: _Run) -> bool:
+        """Whether to send what ``run`` has decided so far: ``send_at`` lines or more,
+        and nothing in flight. The writer then commits them while the rest of the
+        batch is decided, and their replies go out sooner: a client whose window is
+        about one batch waits for them before it sends more (one client with 500 lines
+        in flight: 18,000-21,500 commands/s against 15,900-17,300 sending only at the
+        end, alternating runs). Sending early also while a commit is in flight, as
+        soon as it is answered, cut batches small and cost throughput with 16 clients.
+        """
+        return self._writer is not None and self._sent is None and len(run.lines) >= self.send_at
 
     @property
     def busy(self) -> bool:
@@ -149,6 +164,8 @@ class Applier:
                         return rest + list(requests[at + 1 :]), outbox
                 else:
                     self._take(run, _Line(outbox, item))
+                    if self._writer_idle(run):
+                        await self._flush(run, settle=False)
         await self._flush(run, settle=False)
         return [], None
 

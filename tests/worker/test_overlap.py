@@ -49,10 +49,12 @@ class Replies:
 
 
 @asynccontextmanager
-async def applier_on(db: Path, fault: FailAt | None = None) -> AsyncIterator[Applier]:
+async def applier_on(
+    db: Path, fault: FailAt | None = None, **options: Any
+) -> AsyncIterator[Applier]:
     store = await ProcessStore.open(str(db), fault=fault)
     try:
-        yield Applier(store, Ledger(await store.recover()), FixedClock(START))
+        yield Applier(store, Ledger(await store.recover()), FixedClock(START), **options)
     finally:
         await store.close()
 
@@ -116,6 +118,38 @@ async def test_a_batch_in_flight_with_a_stored_id_is_decided_again(tmp_path: Pat
     assert (other.got[0]["ok"], other.got[0]["event_id"]) == (True, 3)
     assert ledger == await stored_states(db)
     assert [u["initials"] for u in ledger[(2026, "North")]["users"]] == ["CD", "EF"]
+
+
+async def test_an_idle_writer_gets_the_first_lines_of_a_batch_at_once(tmp_path: Path) -> None:
+    """With nothing in flight, ``send_at`` lines decided go to the writer while the rest
+    are decided; their replies go out when the rest are sent."""
+    conn = Replies()
+    users = [register(initials, id=f"r{initials}") for initials in ("AB", "CD", "EF", "GH")]
+    async with applier_on(tmp_path / "b.sqlite3", send_at=2) as applier:
+        await applier.process(conn.request(create_area(id="a1"), *users))
+        early = [r["id"] for r in conn.got]
+        await applier.settle()
+    assert early == ["a1", "rAB"]  # the first two, committed while the rest were decided
+    assert [(r["id"], r["event_id"]) for r in conn.got[2:]] == [
+        ("rCD", 3),
+        ("rEF", 4),
+        ("rGH", 5),
+    ]
+
+
+async def test_a_failed_early_send_takes_back_the_rest_of_the_batch(tmp_path: Path) -> None:
+    db = tmp_path / "b.sqlite3"
+    conn = Replies()
+    async with applier_on(db, FailAt(1), send_at=2) as applier:
+        await applier.process(
+            conn.request(create_area(id="a1"), register("AB", id="r1"), register("CD", id="r2"))
+        )
+        await applier.settle()
+        ledger = {key: render(state) for key, state in applier.ledger.scopes.items()}
+    codes = [r["ok"] or r["error"]["code"] for r in conn.got]
+    # r2 was decided on an area that the failed commit took back: refused, not stored.
+    assert codes == ["persistence_failed", "persistence_failed", "unknown_area"]
+    assert ledger == await stored_states(db) == {}
 
 
 async def test_a_query_waits_for_the_batch_in_flight(tmp_path: Path) -> None:

@@ -133,8 +133,10 @@ class WriterLock:
 
     @classmethod
     def inherit(cls, fd: int) -> WriterLock:
-        """The lock another process holds and passed on (the same open file: it is
-        held until both close it). Raises ``StoreError`` if ``fd`` does not hold it."""
+        """The lock another process took and passed on: ``fd`` is its open file, and
+        the lock is held until both processes close it. (``flock`` there is a no-op for
+        the holder's file; it raises ``StoreError`` only if another open file holds
+        the lock, so it cannot tell a wrong descriptor that holds nothing.)"""
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a no-op on the holder's file
         except OSError as exc:

@@ -264,6 +264,10 @@ class SqliteStore:
             return self._head
         return await self._read(reads.head)
 
+    async def stored_head(self) -> Head:
+        """The head as the file has it now, whoever wrote it."""
+        return await self._read(reads.head)
+
     async def recover(self) -> Recovered:
         """Every scope's current state (newest snapshot + deltas), the head event id and time."""
         return await self._read(_recover, self._sound)

@@ -83,6 +83,7 @@ _decode_reply = msgspec.msgpack.Decoder(Reply).decode
 _decode_batch = msgspec.msgpack.Decoder(Batch).decode
 _HEADER = 4
 GC_YOUNG = 50_000
+START_TIMEOUT = 60.0  # seconds for the child to open the database (SQLite waits 5 s)
 
 
 def _frame(payload: bytes) -> bytes:
@@ -140,6 +141,7 @@ class WriterProcess:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         command = [
             sys.executable,
+            "-P",  # not the working directory first on sys.path: only the installed code
             "-m",
             "adapters.sqlite_writer",
             "--db",
@@ -162,6 +164,7 @@ class WriterProcess:
                 stdout=subprocess.DEVNULL,
                 stderr=None,  # the worker's: the child writes there only when it fails
                 pass_fds=(theirs.fileno(), lock_fd),
+                start_new_session=True,  # a terminal's signals (^C, hangup) are the worker's
             )
         except BaseException:
             ours.close()
@@ -170,7 +173,12 @@ class WriterProcess:
             theirs.close()
         writer = cls(process, ours)
         try:
-            reply = await writer._reply()
+            with anyio.fail_after(START_TIMEOUT):
+                reply = await writer._reply()
+        except (OutcomeUnknown, TimeoutError) as exc:
+            await writer.close()
+            why = str(exc) or f"no answer within {START_TIMEOUT:g} s"
+            raise StoreError(f"the writer process did not start: {why}") from exc
         except BaseException:
             await writer.close()
             raise
@@ -254,6 +262,7 @@ class WriterProcess:
         return reply
 
     async def _lost(self, what: str, exc: BaseException | None) -> OutcomeUnknown:
+        """Why the child cannot answer; the batch in flight, if any, has no outcome."""
         with anyio.move_on_after(2):  # its exit status, if it is exiting
             await self._process.wait()
         code = self._process.returncode
@@ -264,9 +273,9 @@ class WriterProcess:
         else:
             status = f"ended with exit status {code}"
         cause = "" if exc is None else f" ({exc!r})"
+        unknown = "; the last batch may or may not be stored" if self._sent else ""
         return OutcomeUnknown(
-            f"the writer process (pid {self.pid}) {status}: {what}{cause}; "
-            "the last batch may or may not be stored"
+            f"the writer process (pid {self.pid}) {status}: {what}{cause}{unknown}"
         )
 
     async def close(self) -> None:
@@ -337,7 +346,8 @@ class ProcessStore:
     # -- reads, on the worker's connection --------------------------------------------
 
     async def head(self) -> Head:
-        return await self._reads.head()
+        """From the file: the child may have committed a batch it could not answer."""
+        return await self._reads.stored_head()
 
     async def recover(self) -> Recovered:
         return await self._reads.recover()
@@ -442,9 +452,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fault", default="")
     args = parser.parse_args(argv)
     _die_with(args.parent)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the worker decides when to stop
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    # The worker decides when to stop (it has its own session, but systemd signals the
+    # whole control group): it closes the socket once everything read is committed.
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_IGN)
+    logging.basicConfig(
+        level=logging.WARNING, stream=sys.stderr, format="bidlog writer process: %(message)s"
+    )
     # A batch's objects (decoded events, rows) go when its commit returns: with room for
     # them all, the young collections that would walk them many times over never run
     # (the worker does the same, see worker.bootstrap.tune_gc).

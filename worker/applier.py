@@ -292,13 +292,23 @@ class Applier:
         """Hand the run's batch to the writer and go on: the ledger moves now (undone if
         the commit fails); its replies wait for the outcome."""
         batch = Batch(tuple(run.draft.entries), tuple(run.pending_acks.values()), tuple(run.fresh))
-        await writer.submit(batch)
+        try:
+            await writer.submit(batch)
+        except OutcomeUnknown:
+            raise
+        except Exception as exc:  # it could not be encoded: nothing was sent
+            _log_failed(len(batch.entries), exc)
+            _deliver(run.replies, failed=True)
+            self._reset(run)
+            return
         undo = self.ledger.commit(run.draft)
         sent = _Run(
             run.draft, run.now, dict(run.known), run.fresh, run.pending_acks, run.replies, run.lines
         )
         self._sent = _Sent(sent, undo, len(batch.entries), time.perf_counter())
-        run.known.update(run.pending_acks)  # as if stored; if not, the run is decided again
+        # The rest of a batch sent early repeats its ids as duplicates; if it turns out
+        # not stored, they are forgotten and the rest is decided again (_settled).
+        run.known.update(run.pending_acks)
         self._reset(run)
 
     async def _settled(self, run: _Run | None) -> None:

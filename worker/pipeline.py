@@ -246,6 +246,16 @@ class Worker:
     async def apply_forever(self) -> None:
         """Take what is waiting (about ``max_batch`` lines, the connections in turn) and
         process it; end when the inbox is closed and empty."""
+        try:
+            await self._apply_forever()
+        finally:
+            # Cancelled (another task of the worker failed) with a batch being committed:
+            # its replies are still owed, and its outcome is still to be had.
+            if self.applier.busy:
+                with anyio.CancelScope(shield=True):
+                    await self.applier.settle()
+
+    async def _apply_forever(self) -> None:
         while True:
             while not self._ring:
                 if self.applier.busy:  # nothing to decide meanwhile: answer what commits
@@ -362,13 +372,17 @@ class Worker:
             stop_grace=self.stop_grace,
         )
         conn.on_drop = self._count_drop
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(_write_replies, stream, outbox, conn)
-            async with outbox_send:
-                replies = Outbox(conn.deliver, conn.full)
-                await self._read_requests(stream, replies, conn, _Feed(conn))
-                await conn.drained()  # every reply handed to the writer and written
-        await stream.aclose()
+        try:
+            with outbox:  # closed by _write_replies, and here if that never ran (cancelled)
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(_write_replies, stream, outbox, conn)
+                    async with outbox_send:
+                        replies = Outbox(conn.deliver, conn.full)
+                        await self._read_requests(stream, replies, conn, _Feed(conn))
+                        await conn.drained()  # every reply handed to the writer and written
+        finally:
+            with anyio.CancelScope(shield=True):
+                await stream.aclose()
 
     def _count_drop(self) -> None:
         self.dropped += 1

@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import os
 import signal
+import string
+import subprocess
+import threading
 import time
 from pathlib import Path
+from typing import IO
 
 import pytest
 
-from tests.e2e.proc import SocketClient, bidlog, replies, start_socket_worker
+from tests.e2e.proc import BIN, SocketClient, bidlog, replies, start_socket_worker
 from tests.wire import EXAMPLE, create_area, line, register
+
+UPPER = string.ascii_uppercase
 
 
 def writer_of(pid: int) -> int:
@@ -90,3 +98,52 @@ def test_both_writers_answer_the_example_session_alike(tmp_path: Path, writer: s
     assert out.returncode == 0, out.stderr
     answers = replies(out.stdout)
     assert len(answers) == 15 and all(a["ok"] for a in answers)
+
+
+def test_a_hangup_of_the_terminal_drains_and_stops_cleanly(tmp_path: Path) -> None:
+    """A closed terminal signals its whole process group: the worker stops as on SIGTERM
+    (everything read is committed and answered); its writer process, in a session of
+    its own, is not hung up with it."""
+    lines = [line(create_area(id="a1"))] + [
+        line(register(f"{a}{b}", id=f"r{a}{b}")) for a, b in itertools.product(UPPER, UPPER)
+    ]
+    proc = subprocess.Popen(
+        [str(BIN), "serve", "--db", str(tmp_path / "h.sqlite3")],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,  # a group of its own, as under a terminal
+    )
+    assert proc.stdin and proc.stdout
+    feeder = threading.Thread(target=_feed, args=(proc.stdin, b"".join(lines)), daemon=True)
+    try:
+        feeder.start()
+        first = os.read(proc.stdout.fileno(), 1 << 16)  # lines read, more coming
+        os.killpg(proc.pid, signal.SIGHUP)
+        feeder.join(30)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+        proc.wait(10)
+    assert proc.returncode == 0, err
+    answers = replies(first + out)
+    assert 0 < len(answers) <= len(lines) and all(a["ok"] for a in answers)
+    assert b"stopping on SIGHUP" in err
+
+
+def _feed(pipe: IO[bytes], data: bytes) -> None:
+    with contextlib.suppress(BrokenPipeError):  # the worker stopped reading
+        pipe.write(data)
+        pipe.flush()
+
+
+def test_a_package_named_like_ours_in_the_working_directory_is_not_run(
+    tmp_path: Path,
+) -> None:
+    fake = tmp_path / "adapters"
+    fake.mkdir()
+    (fake / "__init__.py").write_text("")
+    (fake / "sqlite_writer.py").write_text("raise SystemExit(3)\n")
+    out = bidlog("serve", "--db", "x.sqlite3", stdin=EXAMPLE.read_bytes(), cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert all(a["ok"] for a in replies(out.stdout))

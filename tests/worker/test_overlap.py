@@ -17,9 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import msgspec
 import pytest
 
+from adapters import sqlite_writer as writer_module
 from adapters.clock import FixedClock
 from adapters.sqlite_store import FailAt, SqliteStore
 from adapters.sqlite_writer import ProcessStore
@@ -27,8 +29,10 @@ from domain.ledger import Ledger
 from domain.records import OutcomeUnknown
 from domain.state import render
 from tests.wire import Msg, create_area, line, register
-from tests.worker.harness import START
+from tests.worker.harness import START, worker_on
+from worker import pipeline as pipeline_module
 from worker.applier import Applier, Outbox, Request
+from worker.pipeline import Worker
 
 pytestmark = pytest.mark.anyio
 
@@ -180,3 +184,96 @@ async def test_a_lost_writer_process_leaves_the_outcome_unknown(tmp_path: Path) 
     finally:
         await store.close()
     assert conn.got == []  # nothing acknowledged, nothing refused: unknown
+
+
+async def test_a_repeat_of_a_line_sent_early_is_a_duplicate(tmp_path: Path) -> None:
+    conn = Replies()
+    async with applier_on(tmp_path / "b.sqlite3", send_at=2) as applier:
+        same = register("AB", id="r1")
+        await applier.process(conn.request(create_area(id="a1"), same, same))
+        await applier.settle()
+    assert [(r["id"], r["event_id"], r.get("duplicate")) for r in conn.got] == [
+        ("a1", 1, None),
+        ("r1", 2, None),
+        ("r1", 2, True),
+    ]
+
+
+async def test_a_repeat_of_a_line_sent_early_that_failed_is_decided_again(
+    tmp_path: Path,
+) -> None:
+    conn = Replies()
+    async with applier_on(tmp_path / "b.sqlite3", FailAt(1, skip=1), send_at=1) as applier:
+        await applier.process(conn.request(create_area(id="a1")))
+        await applier.settle()
+        same = register("AB", id="r1")
+        await applier.process(conn.request(same, same))
+        await applier.settle()
+    codes = [r.get("duplicate") or r["ok"] or r["error"]["code"] for r in conn.got]
+    # The first r1 failed; the second was a duplicate of it until then: now it is new.
+    assert codes == [True, "persistence_failed", True]
+    assert (conn.got[2]["event_id"], conn.got[2].get("duplicate")) == (2, None)
+
+
+async def test_a_batch_that_cannot_be_encoded_is_refused_and_the_worker_goes_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    conn = Replies()
+    async with applier_on(tmp_path / "b.sqlite3") as applier:
+        with monkeypatch.context() as patched:
+            patched.setattr(writer_module, "_encode", _fail_to_encode)
+            await applier.process(conn.request(create_area(id="a1")))
+        await applier.process(conn.request(create_area(id="a2")))
+        await applier.settle()
+    assert conn.got[0]["error"]["code"] == "persistence_failed"
+    assert (conn.got[1]["ok"], conn.got[1]["event_id"]) == (True, 1)
+
+
+def _fail_to_encode(obj: object) -> bytes:
+    raise OverflowError("injected: cannot encode")
+
+
+async def test_the_head_comes_from_the_file_not_from_the_last_answer(tmp_path: Path) -> None:
+    """A writer killed after its COMMIT and before its answer: the worker's stop log must
+    name the head the file has (a restart compares them)."""
+    db = tmp_path / "b.sqlite3"
+    store = await ProcessStore.open(str(db))
+    try:
+        applier = Applier(store, Ledger(await store.recover()), FixedClock(START))
+        await applier.process(Replies().request(create_area(id="a1")))
+        reader = await SqliteStore.open(str(db), writer=False)
+        try:
+            with anyio.fail_after(10):
+                while (await reader.stored_head()).event_id == 0:  # noqa: ASYNC110 (the file)
+                    await anyio.sleep(0.001)
+        finally:
+            await reader.close()
+        os.kill(store.writer_pid, signal.SIGKILL)
+        assert (await store.head()).event_id == 1
+    finally:
+        await store.close()
+
+
+async def test_a_worker_stopped_with_a_batch_in_flight_settles_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The applier loop ends abnormally (here: the point where it lets the readers run
+    raises) right after sending a batch: the batch is still settled on the way out."""
+    db = tmp_path / "b.sqlite3"
+    seen: list[Worker] = []
+    original = anyio.lowlevel.checkpoint
+
+    async def checkpoint() -> None:
+        if seen and seen[0].applier.busy:
+            raise RuntimeError("injected: the applier loop fails here")
+        await original()
+
+    monkeypatch.setattr(pipeline_module.anyio.lowlevel, "checkpoint", checkpoint)
+    with pytest.raises(BaseExceptionGroup):
+        async with worker_on(db, writer="process") as worker:
+            seen.append(worker)
+            async with await worker.connect() as stream:
+                await stream.send(line(create_area(id="a1")))
+                await anyio.sleep(5)
+    assert not worker.applier.busy
+    assert (await stored_states(db)).keys() == {(2026, "North")}

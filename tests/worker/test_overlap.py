@@ -30,7 +30,6 @@ from domain.records import OutcomeUnknown
 from domain.state import render
 from tests.wire import Msg, create_area, line, register
 from tests.worker.harness import START, worker_on
-from worker import pipeline as pipeline_module
 from worker.applier import Applier, Outbox, Request
 from worker.pipeline import Worker
 
@@ -268,7 +267,7 @@ async def test_a_worker_stopped_with_a_batch_in_flight_settles_it(
             raise RuntimeError("injected: the applier loop fails here")
         await original()
 
-    monkeypatch.setattr(pipeline_module.anyio.lowlevel, "checkpoint", checkpoint)
+    monkeypatch.setattr(anyio.lowlevel, "checkpoint", checkpoint)  # as the pipeline calls it
     with pytest.raises(BaseExceptionGroup):
         async with worker_on(db, writer="process") as worker:
             seen.append(worker)

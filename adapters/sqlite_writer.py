@@ -214,12 +214,6 @@ class WriterProcess:
         except OSError as exc:
             raise await self._lost("the batch could not be sent", exc) from exc
 
-    async def answered(self) -> None:
-        """Return once the child has answered the batch in flight (or cannot)."""
-        while self._sent and self._ended is None and not _complete(self._buffer):
-            await anyio.wait_readable(self._sock)
-            self._read_available()
-
     async def outcome(self) -> Head:
         """The head after the submitted batch committed; or ``StoredAlready``,
         ``PersistenceFailed``, ``InvalidBatch`` (nothing written), or ``OutcomeUnknown``
@@ -340,9 +334,6 @@ class ProcessStore:
 
     async def submit(self, batch: Batch) -> None:
         await self._writer.submit(batch)
-
-    async def answered(self) -> None:
-        await self._writer.answered()
 
     async def outcome(self) -> None:
         self._reads.follow(await self._writer.outcome())

@@ -130,11 +130,6 @@ class Applier:
         """A batch is being committed; ``settle()`` answers it."""
         return self._sent is not None
 
-    async def answered(self) -> None:
-        """Return once the batch in flight has its answer (``settle()`` will not wait)."""
-        if self._sent is not None and self._writer is not None:
-            await self._writer.answered()
-
     async def settle(self) -> None:
         """Wait for the batch being committed, then send its replies."""
         await self._settled(None)
@@ -402,8 +397,6 @@ class Pipelined(Protocol):
     ``outcome`` returns when it is committed or raises as ``Store.append`` does."""
 
     async def submit(self, batch: Batch) -> None: ...
-
-    async def answered(self) -> None: ...
 
     async def outcome(self) -> None: ...
 

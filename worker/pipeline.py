@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import math
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 import anyio
@@ -258,14 +258,9 @@ class Worker:
     async def _apply_forever(self) -> None:
         while True:
             while not self._ring:
-                if self.applier.busy:
-                    # A batch commits: answer it when it has, unless lines come first
-                    # (then they are decided meanwhile, as the commit goes on).
-                    if self._work.is_set():
-                        self._work = anyio.Event()
-                    if await self._outcome_first():
-                        with anyio.CancelScope(shield=True):
-                            await self.applier.settle()
+                if self.applier.busy:  # nothing to decide meanwhile: answer what commits
+                    with anyio.CancelScope(shield=True):
+                        await self.applier.settle()
                     continue
                 if self._closed and not self._parked:
                     return
@@ -292,20 +287,6 @@ class Worker:
             # Let the readers hand over what they have read (a batch of queries answered
             # from memory may never have waited for anything).
             await anyio.lowlevel.checkpoint()
-
-    async def _outcome_first(self) -> bool:
-        """Wait for the commit in flight to be answered (True) or for work (False)."""
-        first: list[bool] = []
-        async with anyio.create_task_group() as tg:
-
-            async def wait(what: Callable[[], Awaitable[object]], outcome: bool) -> None:
-                await what()
-                first.append(outcome)
-                tg.cancel_scope.cancel()
-
-            tg.start_soon(wait, self.applier.answered, True)
-            tg.start_soon(wait, self._work.wait, False)
-        return first[0] if first else True
 
     def _gather(self) -> tuple[list[Request], dict[int, _Feed]]:
         requests: list[Request] = []

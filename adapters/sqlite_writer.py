@@ -128,6 +128,8 @@ class WriterProcess:
         self._buffer = bytearray()
         self._sent = False
         self._ended: BaseException | None = None  # why nothing more can come
+        self._waiting = False  # a task waits for the socket to be readable
+        self._waited: anyio.Event | None = None  # set when it stops waiting
 
     @classmethod
     async def start(
@@ -234,6 +236,34 @@ class WriterProcess:
             raise StoreError(f"the writer process failed: {reply.message}")
         raise await self._lost(f"it answered {type(reply).__name__}", None)
 
+    def has_answer(self) -> bool:
+        """Whether the batch in flight has its answer in (or the child is gone), as far
+        as read already: ``outcome()`` will not wait. Never waits, reads nothing."""
+        return self._sent and (self._ended is not None or _complete(self._buffer))
+
+    async def answered(self) -> None:
+        """Wait until the batch in flight is answered, or the child is gone (for a task
+        that wakes the worker then)."""
+        while self._sent and self._ended is None and not _complete(self._buffer):
+            await self._readable()
+            self._read_available()
+
+    async def _readable(self) -> None:
+        """Wait until the socket is readable, or until the task already waiting for
+        that stops: anyio refuses two waits on one socket (BusyResourceError)."""
+        if self._waiting:
+            waited = self._waited = self._waited or anyio.Event()
+            await waited.wait()
+            return
+        self._waiting = True
+        try:
+            await anyio.wait_readable(self._sock)
+        finally:
+            self._waiting = False
+            if self._waited is not None:
+                self._waited.set()
+                self._waited = None
+
     def _read_available(self) -> None:
         """Take in what the child has sent, without waiting."""
         while self._ended is None:
@@ -256,7 +286,7 @@ class WriterProcess:
                 break
             if self._ended is not None:
                 raise await self._lost("it ended", self._ended)
-            await anyio.wait_readable(self._sock)
+            await self._readable()
         size = int.from_bytes(self._buffer[:_HEADER], "big")
         payload = bytes(self._buffer[_HEADER : _HEADER + size])
         del self._buffer[: _HEADER + size]
@@ -334,6 +364,12 @@ class ProcessStore:
 
     async def submit(self, batch: Batch) -> None:
         await self._writer.submit(batch)
+
+    def has_answer(self) -> bool:
+        return self._writer.has_answer()
+
+    async def answered(self) -> None:
+        await self._writer.answered()
 
     async def outcome(self) -> None:
         self._reads.follow(await self._writer.outcome())

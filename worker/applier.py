@@ -17,6 +17,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
+import anyio
+
 from adapters import codec
 from adapters.transports import TooLarge
 from domain import errors
@@ -112,6 +114,7 @@ class Applier:
         # its commit fails), and its replies wait in ``_sent`` for the outcome.
         self._writer = store if isinstance(store, Pipelined) else None
         self._sent: _Sent | None = None
+        self.sent = anyio.Event()  # set when a batch goes to the writer
         self.send_at = send_at
 
     def _writer_idle(self, run: _Run) -> bool:
@@ -129,6 +132,22 @@ class Applier:
     def busy(self) -> bool:
         """A batch is being committed; ``settle()`` answers it."""
         return self._sent is not None
+
+    @property
+    def pipelined(self) -> bool:
+        """The store commits one batch while the next is decided."""
+        return self._writer is not None
+
+    def has_answer(self) -> bool:
+        """The batch in flight is answered: ``settle()`` will not wait."""
+        return self._writer is not None and self._sent is not None and self._writer.has_answer()
+
+    async def answered(self) -> None:
+        """Wait for a batch to be sent, then for its answer (for the worker's watcher)."""
+        await self.sent.wait()
+        self.sent = anyio.Event()
+        if self._writer is not None:
+            await self._writer.answered()
 
     async def settle(self) -> None:
         """Wait for the batch being committed, then send its replies."""
@@ -306,6 +325,7 @@ class Applier:
             run.draft, run.now, dict(run.known), run.fresh, run.pending_acks, run.replies, run.lines
         )
         self._sent = _Sent(sent, undo, len(batch.entries), time.perf_counter())
+        self.sent.set()
         # The rest of a batch sent early repeats its ids as duplicates; if it turns out
         # not stored, they are forgotten and the rest is decided again (_settled).
         run.known.update(run.pending_acks)
@@ -397,6 +417,10 @@ class Pipelined(Protocol):
     ``outcome`` returns when it is committed or raises as ``Store.append`` does."""
 
     async def submit(self, batch: Batch) -> None: ...
+
+    def has_answer(self) -> bool: ...
+
+    async def answered(self) -> None: ...
 
     async def outcome(self) -> None: ...
 

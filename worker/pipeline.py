@@ -247,7 +247,11 @@ class Worker:
         """Take what is waiting (about ``max_batch`` lines, the connections in turn) and
         process it; end when the inbox is closed and empty."""
         try:
-            await self._apply_forever()
+            async with anyio.create_task_group() as tg:
+                if self.applier.pipelined:
+                    tg.start_soon(self._watch_answers)
+                await self._apply_forever()
+                tg.cancel_scope.cancel()
         finally:
             # Cancelled (another task of the worker failed) with a batch being committed:
             # its replies are still owed, and its outcome is still to be had.
@@ -258,9 +262,16 @@ class Worker:
     async def _apply_forever(self) -> None:
         while True:
             while not self._ring:
-                if self.applier.busy:  # nothing to decide meanwhile: answer what commits
-                    with anyio.CancelScope(shield=True):
-                        await self.applier.settle()
+                if self.applier.busy:
+                    # A batch commits: answer it once it has, unless lines come first
+                    # (then they are decided meanwhile, as the commit goes on).
+                    if self.applier.has_answer():
+                        with anyio.CancelScope(shield=True):
+                            await self.applier.settle()
+                        continue
+                    if self._work.is_set():
+                        self._work = anyio.Event()
+                    await self._work.wait()  # lines, or the answer (_watch_answers)
                     continue
                 if self._closed and not self._parked:
                     return
@@ -287,6 +298,14 @@ class Worker:
             # Let the readers hand over what they have read (a batch of queries answered
             # from memory may never have waited for anything).
             await anyio.lowlevel.checkpoint()
+
+    async def _watch_answers(self) -> None:
+        """Wake the applier loop when the writer answers a batch, as a chunk of lines
+        does. (Racing the two with a task group per wait, one task cancelled, made
+        cyclic garbage: 67-88 ms collections at 1,000 commands/s.)"""
+        while True:
+            await self.applier.answered()
+            self._work.set()
 
     def _gather(self) -> tuple[list[Request], dict[int, _Feed]]:
         requests: list[Request] = []

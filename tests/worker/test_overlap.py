@@ -276,3 +276,20 @@ async def test_a_worker_stopped_with_a_batch_in_flight_settles_it(
                 await anyio.sleep(5)
     assert not worker.applier.busy
     assert (await stored_states(db)).keys() == {(2026, "North")}
+
+
+async def test_the_watcher_and_the_applier_can_wait_for_one_answer_together(
+    tmp_path: Path,
+) -> None:
+    """The worker's watcher waits for the answer while the applier waits for the outcome;
+    anyio allows one wait on a socket at a time, so the second waits for the first."""
+    conn = Replies()
+    async with applier_on(tmp_path / "b.sqlite3") as applier:
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(applier.answered)  # waits for the batch to be sent
+                await applier.process(conn.request(create_area(id="a1")))
+                assert applier.busy
+                await applier.settle()  # both wait on the child's answer
+        assert applier.has_answer() is False and not applier.busy
+    assert [r["id"] for r in conn.got] == ["a1"]

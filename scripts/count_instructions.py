@@ -5,12 +5,14 @@ Seconds on a shared VM move by a third between runs of the same code; instructio
 repeat to about 0.05%. So this is the measure to compare two versions of the code by:
 it runs the worker under callgrind twice, on an empty stdin and on the benchmark's mix
 (``scripts/bench.py``: set-up commands, then ``submit_bid`` by random users), and prints
-the difference per command. It is a count, not a speed: it says nothing of cache misses,
-the disk or threads waiting for each other. Valgrind hides the CPU's SHA instructions, so
+the difference per command: with the writer process (the worker's and the writer's
+counts, the child traced too), and with ``--writer thread`` (one process). It is a
+count, not a speed: it says nothing of cache misses, the disk or threads waiting for
+each other. Valgrind hides the CPU's SHA instructions, so
 SHA-256 is counted in software (about 30,000 instructions of a ``submit_bid``).
 
 Usage: ``.venv/bin/python scripts/count_instructions.py [--commands N] [--seed N]``
-(needs ``valgrind``; about a minute for the default 10,000 commands).
+(needs ``valgrind``; about two minutes for the default 10,000 commands).
 """
 
 from __future__ import annotations
@@ -26,23 +28,28 @@ from pathlib import Path
 
 from bench import BIN, Workload  # scripts/bench.py, beside this file
 
-COLLECTED = re.compile(rb"Collected : (\d+)")
+PER_PROCESS = re.compile(rb"==(\d+)== Collected : (\d+)")
 
 
-def count(stdin: Path, db: Path) -> int:
-    """Instructions callgrind collected for ``bidlog serve`` reading ``stdin``."""
+def count(stdin: Path, db: Path, writer: str) -> tuple[int, int]:
+    """Instructions callgrind collected for ``bidlog serve`` reading ``stdin``: the
+    worker's, and its writer process's (0 with ``--writer thread``)."""
     for old in db.parent.glob(db.name + "*"):
         old.unlink()
     with stdin.open("rb") as feed:
         done = subprocess.run(
-            ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", str(BIN),
-             "serve", "--db", str(db), "--synchronous", "full", "--log-level", "warning"],
+            ["valgrind", "--tool=callgrind", "--trace-children=yes",
+             "--callgrind-out-file=/dev/null", str(BIN), "serve", "--db", str(db),
+             "--synchronous", "full", "--log-level", "warning", "--writer", writer],
             stdin=feed, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, check=False,
         )  # fmt: skip
-    found = COLLECTED.search(done.stderr)
-    if done.returncode != 0 or found is None:
+    # One line per process, each prefixed with its pid: the writer process ends first.
+    found = [(int(pid), int(n)) for pid, n in PER_PROCESS.findall(done.stderr)]
+    if done.returncode != 0 or not found:
         raise RuntimeError(f"valgrind run failed:\n{done.stderr.decode(errors='replace')}")
-    return int(found.group(1))
+    worker_pid = min(pid for pid, _ in found)  # the worker started first
+    worker = sum(n for pid, n in found if pid == worker_pid)
+    return worker, sum(n for pid, n in found if pid != worker_pid)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -62,11 +69,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         empty.write_bytes(b"")
         mix.write_bytes(b"".join(lines))
         print(f"counting {len(lines):,} commands under callgrind ...", file=sys.stderr)
-        start_only = count(empty, where / "db.sqlite3")
-        total = count(mix, where / "db.sqlite3")
-    per = (total - start_only) / len(lines)
-    print(f"bidlog serve (stdin, synchronous=full): {per:,.0f} instructions per command")
-    print(f"({len(lines):,} commands: {total:,} instructions, {start_only:,} of them start-up)")
+        for writer in ("process", "thread"):
+            start_only = count(empty, where / "db.sqlite3", writer)
+            total = count(mix, where / "db.sqlite3", writer)
+            per = [(t - s) / len(lines) for t, s in zip(total, start_only, strict=True)]
+            label = f"bidlog serve --writer {writer} (stdin, synchronous=full)"
+            if writer == "process":
+                print(
+                    f"{label}: {sum(per):,.0f} instructions per command, "
+                    f"{per[0]:,.0f} in the worker and {per[1]:,.0f} in its writer process"
+                )
+            else:
+                print(f"{label}: {per[0]:,.0f} instructions per command")
     return 0
 
 

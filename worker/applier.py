@@ -272,6 +272,8 @@ class Applier:
 
         With a pipelined store and ``settle`` False, a run with events is only sent: it
         is answered when the next flush (or ``settle()``) has its outcome."""
+        if not settle and not run.lines:
+            return  # nothing to send: what is in flight can stay so (one sent early)
         await self._settled(run)
         if self._writer is not None and not settle and run.draft.entries:
             await self._send(self._writer, run)
@@ -339,6 +341,7 @@ class Applier:
             return
         assert self._writer is not None
         as_sent = True
+        sent_ids = tuple(sent.run.pending_acks)  # _run's known has them, as if stored
         try:
             await self._writer.outcome()
         except StoredAlready as stored:
@@ -360,8 +363,11 @@ class Applier:
             _deliver(sent.run.replies, failed=False)
             _log_committed(sent.events, sent.started)
         if not as_sent and run is not None:
-            for message_id in sent.run.pending_acks:
+            # Forget what the batch was sent with (deciding it again replaced its acks),
+            # and learn what its outcome taught: stored records, and what it committed.
+            for message_id in sent_ids:
                 run.known.pop(message_id, None)
+            run.known.update(sent.run.known)
             if run.lines:
                 self._decide_again(run)
 

@@ -278,8 +278,10 @@ class Worker:
                 if self._work.is_set():
                     self._work = anyio.Event()
                 await self._work.wait()
-            requests, feeds = self._gather()
             with anyio.CancelScope(shield=True):
+                if self.applier.has_answer():  # answered already: reply before deciding
+                    await self.applier.settle()  # more (and the next batch is larger)
+                requests, feeds = self._gather()
                 rest, ended_by = await self.applier.process(requests, turn=self.turn)
             for request in reversed(rest):  # back to the front of their queues, in order
                 feed = feeds[id(request.outbox)]

@@ -293,3 +293,34 @@ async def test_the_watcher_and_the_applier_can_wait_for_one_answer_together(
                 await applier.settle()  # both wait on the child's answer
         assert applier.has_answer() is False and not applier.busy
     assert [r["id"] for r in conn.got] == ["a1"]
+
+
+async def test_an_early_batch_that_finds_a_stored_id_teaches_the_rest_of_its_batch(
+    tmp_path: Path,
+) -> None:
+    """x is stored (for AB). Sent early with x as new, the first part of the batch comes
+    back StoredAlready; the rest, decided when x looked like the early part's, must not
+    keep that ack: x is id_reused both times, with AB's event, never another's."""
+    db = tmp_path / "b.sqlite3"
+    conn = Replies()
+    async with applier_on(db, send_at=2) as applier:
+        await applier.process(conn.request(create_area(id="a1"), register("AB", id="x")))
+        await applier.settle()
+        reuse = register("EF", id="x")
+        await applier.process(conn.request(reuse, register("CD", id="r2"), reuse))
+        await applier.settle()
+    answers = [(r["id"], r["ok"] or r["error"]["code"]) for r in conn.got[2:]]
+    assert answers == [("x", "id_reused"), ("r2", True), ("x", "id_reused")]
+    assert conn.got[2]["error"]["details"]["event_id"] == 2
+    assert conn.got[4]["error"]["details"]["event_id"] == 2
+
+
+async def test_a_batch_sent_whole_early_stays_in_flight(tmp_path: Path) -> None:
+    """A batch of exactly ``send_at`` lines is sent early and nothing follows it: the
+    applier returns with it in flight, free to decide other lines meanwhile."""
+    conn = Replies()
+    async with applier_on(tmp_path / "b.sqlite3", send_at=2) as applier:
+        await applier.process(conn.request(create_area(id="a1"), register("AB", id="r1")))
+        assert applier.busy and conn.got == []
+        await applier.settle()
+    assert [r["id"] for r in conn.got] == ["a1", "r1"]

@@ -327,8 +327,8 @@ class WriterProcess:
 class ProcessStore:
     """``worker.ports.Store`` with appends in a ``WriterProcess``; reads on ``reads``.
 
-    Also ``submit`` and ``outcome``, which let the applier decide the next batch while
-    the child commits this one."""
+    Also ``submit``, ``outcome``, ``has_answer`` and ``answered``, with which the
+    applier decides the next batch while the child commits this one."""
 
     def __init__(self, reads: SqliteStore, writer: WriterProcess) -> None:
         self._reads = reads

@@ -87,7 +87,9 @@ class _Run:
 
     draft: Draft
     now: dt.datetime  # when the batch is decided: the time of all its events
-    known: dict[str, Ack] = field(default_factory=dict)  # stored idempotency records
+    # Idempotency records stored, or (after a part of the batch was sent early) being
+    # stored: forgotten again if that part turns out not stored as sent (_settled).
+    known: dict[str, Ack] = field(default_factory=dict)
     fresh: dict[str, None] = field(default_factory=dict)  # ids decided as new, in order
     pending_acks: dict[str, Ack] = field(default_factory=dict)
     replies: list[_Reply] = field(default_factory=list)
@@ -341,7 +343,7 @@ class Applier:
             return
         assert self._writer is not None
         as_sent = True
-        sent_ids = tuple(sent.run.pending_acks)  # _run's known has them, as if stored
+        sent_ids = tuple(sent.run.pending_acks)  # run.known has them, as if stored
         try:
             await self._writer.outcome()
         except StoredAlready as stored:

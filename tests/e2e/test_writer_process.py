@@ -40,12 +40,23 @@ def gone(pid: int, within: float) -> bool:
     return False
 
 
-def test_a_worker_killed_takes_its_writer_process_with_it(tmp_path: Path) -> None:
+def started(tmp_path: Path) -> tuple[Path, Path, subprocess.Popen[bytes], SocketClient]:
+    """A socket worker on a new database, and a client whose area a1 is committed."""
     db, sock = tmp_path / "w.sqlite3", tmp_path / "s"
     worker = start_socket_worker(db, sock)
     try:
         client = SocketClient(sock)
         assert client.ask([line(create_area(id="a1"))])[0]["ok"]
+    except BaseException:
+        worker.kill()
+        worker.wait(10)
+        raise
+    return db, sock, worker, client
+
+
+def test_a_worker_killed_takes_its_writer_process_with_it(tmp_path: Path) -> None:
+    db, sock, worker, client = started(tmp_path)
+    try:
         client.close()
         child = writer_of(worker.pid)
         worker.kill()
@@ -67,11 +78,8 @@ def test_a_worker_killed_takes_its_writer_process_with_it(tmp_path: Path) -> Non
 
 
 def test_a_writer_process_killed_stops_the_worker_with_a_clear_error(tmp_path: Path) -> None:
-    db, sock = tmp_path / "w.sqlite3", tmp_path / "s"
-    worker = start_socket_worker(db, sock)
+    db, sock, worker, client = started(tmp_path)
     try:
-        client = SocketClient(sock)
-        assert client.ask([line(create_area(id="a1"))])[0]["ok"]
         os.kill(writer_of(worker.pid), signal.SIGKILL)
         client.send([line(register("AB", id="r1"))])
         assert client.file.readline() == b""  # not answered: its outcome is unknown

@@ -16,7 +16,7 @@ import re
 import signal
 import sqlite3
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 
 import anyio
@@ -177,9 +177,17 @@ def settings_from(args: argparse.Namespace) -> Settings:
 
 
 async def run_serve(args: argparse.Namespace) -> int:
+    # Signals are taken from here on: one that comes while the worker starts (opening the
+    # database, recovering, starting its writer process) stops it once it has started,
+    # cleanly, instead of killing it half-way.
+    with anyio.open_signal_receiver(*_STOP_SIGNALS) as signals:
+        return await _serve(args, signals)
+
+
+async def _serve(args: argparse.Namespace, signals: AsyncIterator[signal.Signals]) -> int:
     if not args.socket:
         async with serving(settings_from(args)) as worker:
-            await _until_done(worker, worker.serve(StdioStream(), one_peer=False))
+            await _until_done(worker, worker.serve(StdioStream(), one_peer=False), signals)
         if worker.dropped:  # everything read was committed, but not every reply written
             print(
                 "bidlog: not every reply was written (stdout closed, or took none for too "
@@ -193,15 +201,17 @@ async def run_serve(args: argparse.Namespace) -> int:
     listener = await _bind(args.socket)
     async with listener, serving(settings_from(args)) as worker:
         log.info("listening", extra={"socket": args.socket})
-        await _until_done(worker, _accept(listener, worker))
+        await _until_done(worker, _accept(listener, worker), signals)
     return 0
 
 
-async def _until_done(worker: Worker, serving: Awaitable[None]) -> None:
+async def _until_done(
+    worker: Worker, serving: Awaitable[None], signals: AsyncIterator[signal.Signals]
+) -> None:
     """Run ``serving``; SIGINT or SIGTERM stop the worker's readers (what was read is
     still committed and answered)."""
     async with anyio.create_task_group() as tg:
-        tg.start_soon(_stop_on_signal, worker)
+        tg.start_soon(_stop_on_signal, worker, signals)
         await serving
         tg.cancel_scope.cancel()
 
@@ -249,12 +259,14 @@ async def _accept_forever(listener: UnixListener, worker: Worker) -> None:
         worker.task_group.start_soon(worker.serve, stream)
 
 
-async def _stop_on_signal(worker: Worker) -> None:
-    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
-        async for signum in signals:
-            log.info("stopping on %s", signal.Signals(signum).name)
-            worker.stop_reading()
-            return
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+async def _stop_on_signal(worker: Worker, signals: AsyncIterator[signal.Signals]) -> None:
+    async for signum in signals:
+        log.info("stopping on %s", signal.Signals(signum).name)
+        worker.stop_reading()
+        return
 
 
 async def run_state(args: argparse.Namespace) -> int:

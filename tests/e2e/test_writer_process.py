@@ -155,3 +155,21 @@ def test_a_package_named_like_ours_in_the_working_directory_is_not_run(
     out = bidlog("serve", "--db", "x.sqlite3", stdin=EXAMPLE.read_bytes(), cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert all(a["ok"] for a in replies(out.stdout))
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_while_the_worker_starts_stops_it_cleanly_once_started(
+    tmp_path: Path, signum: signal.Signals
+) -> None:
+    """The socket listens before the database is opened and the writer process started:
+    a stop that comes then is kept, and the worker stops as soon as it has started."""
+    sock = tmp_path / "s"
+    worker = start_socket_worker(tmp_path / "w.sqlite3", sock)  # listening, still starting
+    worker.send_signal(signum)
+    try:
+        assert worker.wait(30) == 0
+    finally:
+        worker.kill()
+        worker.wait(10)
+    log = sock.with_name(sock.name + ".log").read_text()
+    assert f"stopping on {signum.name}" in log and "worker stopped" in log

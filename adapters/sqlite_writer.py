@@ -296,6 +296,11 @@ class WriterProcess:
             raise await self._lost("it answered garbage", exc) from exc
         return reply
 
+    async def ended(self) -> OutcomeUnknown:
+        """Wait until the child ends (it should not, before ``close``): why it did."""
+        await self._process.wait()
+        return await self._lost("it ended on its own", None)
+
     async def _lost(self, what: str, exc: BaseException | None) -> OutcomeUnknown:
         """Why the child cannot answer; the batch in flight, if any, has no outcome."""
         with anyio.move_on_after(2):  # its exit status, if it is exiting
@@ -367,6 +372,9 @@ class ProcessStore:
 
     def has_answer(self) -> bool:
         return self._writer.has_answer()
+
+    async def ended(self) -> OutcomeUnknown:
+        return await self._writer.ended()
 
     async def answered(self) -> None:
         await self._writer.answered()

@@ -151,6 +151,13 @@ class Applier:
         if self._writer is not None:
             await self._writer.answered()
 
+    async def writer_lost(self) -> None:
+        """Raise ``OutcomeUnknown`` when the writer process ends before it is closed
+        (never returns otherwise): the worker stops then, not at its next commit."""
+        if self._writer is not None:
+            raise await self._writer.ended()
+        await anyio.sleep_forever()
+
     async def settle(self) -> None:
         """Wait for the batch being committed, then send its replies."""
         await self._settled(None)
@@ -429,6 +436,8 @@ class Pipelined(Protocol):
     def has_answer(self) -> bool: ...
 
     async def answered(self) -> None: ...
+
+    async def ended(self) -> OutcomeUnknown: ...
 
     async def outcome(self) -> None: ...
 

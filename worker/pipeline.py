@@ -250,6 +250,7 @@ class Worker:
             async with anyio.create_task_group() as tg:
                 if self.applier.pipelined:
                     tg.start_soon(self._watch_answers)
+                    tg.start_soon(self.applier.writer_lost)  # raises: the worker stops
                 await self._apply_forever()
                 tg.cancel_scope.cancel()
         finally:

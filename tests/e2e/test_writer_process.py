@@ -77,22 +77,25 @@ def test_a_worker_killed_takes_its_writer_process_with_it(tmp_path: Path) -> Non
     assert bidlog("verify", "--db", db).returncode == 0
 
 
-def test_a_writer_process_killed_stops_the_worker_with_a_clear_error(tmp_path: Path) -> None:
+def test_a_writer_process_killed_stops_the_worker_at_once_with_a_clear_error(
+    tmp_path: Path,
+) -> None:
+    """Killed with nothing in flight: the worker stops then, not at its next command
+    (a supervisor restarts it), and says why in one line."""
     db, sock, worker, client = started(tmp_path)
     try:
         os.kill(writer_of(worker.pid), signal.SIGKILL)
-        client.send([line(register("AB", id="r1"))])
-        assert client.file.readline() == b""  # not answered: its outcome is unknown
+        assert worker.wait(30) == 1  # with no further line sent
+        assert client.file.readline() == b""  # the connection is closed
         client.close()
-        assert worker.wait(30) == 1
     finally:
         worker.kill()
         worker.wait(10)
     log = sock.with_name(sock.name + ".log").read_text()
     assert "Traceback" not in log
     assert "bidlog: stopped: the writer process" in log and "killed by signal 9" in log
-    assert "Start the worker again" in log
-    # Started again, the worker recovers; the command sent is applied once at most.
+    assert "ended on its own" in log and "Start the worker again" in log
+    # Started again, the worker recovers and goes on from the file.
     out = bidlog("serve", "--db", db, stdin=line(register("AB", id="r1")))
     (answer,) = replies(out.stdout)
     assert answer["ok"] and answer["event_id"] == 2

@@ -25,7 +25,6 @@ import argparse
 import contextlib
 import ctypes
 import datetime as dt
-import gc
 import logging
 import os
 import signal
@@ -41,6 +40,7 @@ import anyio.abc
 import msgspec
 from anyio.streams.buffered import BufferedByteReceiveStream
 
+from adapters.gc_policy import tune_gc
 from adapters.sqlite_rows import Head
 from adapters.sqlite_schema import InvalidBatch, StoreError
 from adapters.sqlite_store import FailAt, SqliteStore
@@ -82,7 +82,6 @@ _encode = msgspec.msgpack.Encoder().encode
 _decode_reply = msgspec.msgpack.Decoder(Reply).decode
 _decode_batch = msgspec.msgpack.Decoder(Batch).decode
 _HEADER = 4
-GC_YOUNG = 50_000
 SEND_BUFFER = 4 << 20  # bytes (Linux caps it at net.core.wmem_max)
 START_TIMEOUT = 60.0  # seconds for the child to open the database (SQLite waits 5 s)
 
@@ -508,12 +507,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.WARNING, stream=sys.stderr, format="bidlog writer process: %(message)s"
     )
-    # A batch's objects (decoded events, rows) go when its commit returns: with room for
-    # them all, the young collections that would walk them many times over never run
-    # (the worker does the same, see worker.bootstrap.tune_gc).
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(GC_YOUNG, 10, 10)
+    tune_gc()  # as the worker: a batch's objects go before any collection walks them
     return anyio.run(_serve, args)
 
 

@@ -464,10 +464,10 @@ def bench_floor(workdir: Path, count: int, seed: int, report: Report) -> None:
 
     from adapters import codec
     from adapters.clock import SystemClock
+    from adapters.gc_policy import tune_gc
     from adapters.sqlite_store import SqliteStore
     from domain.ledger import Ledger
     from domain.records import Ack, Batch
-    from worker.bootstrap import tune_gc
 
     work = Workload(seed)
     setup = work.setup()

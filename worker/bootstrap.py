@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -10,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from adapters.clock import SystemClock
+from adapters.gc_policy import tune_gc
 from adapters.sqlite_store import SqliteStore
 from adapters.sqlite_writer import ProcessStore
 from domain.ledger import Ledger
@@ -69,26 +69,6 @@ def _lost(group: BaseExceptionGroup[BaseException]) -> OutcomeUnknown | None:
         if isinstance(exc, BaseExceptionGroup) and (found := _lost(exc)) is not None:
             return found
     return None
-
-
-GC_YOUNG = 50_000
-
-
-def tune_gc() -> None:
-    """Set the cyclic garbage collector for a worker, once its start-up state exists.
-
-    What exists now (modules, the recovered ledger) lives as long as the worker:
-    ``gc.freeze()`` leaves it out of full collections, which walked all of it and paused
-    the worker for 21-31 ms at a time. A batch's objects (decoded messages, events,
-    replies) live until its commit returns and then go; with the default young
-    threshold (700) they were walked and promoted several times over: 13% of the
-    worker's CPU on the bench mix (gc callbacks: 0.25 s of 1.9 s for 20,000 commands).
-    With room for a whole batch's objects they are gone before any collection (0.02 s).
-    Cycles are still collected, after ``GC_YOUNG`` net allocations.
-    """
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(GC_YOUNG, 10, 10)
 
 
 @asynccontextmanager

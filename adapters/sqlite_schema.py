@@ -132,11 +132,21 @@ class WriterLock:
         return cls(fd)
 
     @classmethod
-    def inherit(cls, fd: int) -> WriterLock:
-        """The lock another process took and passed on: ``fd`` is its open file, and
-        the lock is held until both processes close it. (``flock`` there is a no-op for
-        the holder's file; it raises ``StoreError`` only if another open file holds
-        the lock, so it cannot tell a wrong descriptor that holds nothing.)"""
+    def inherit(cls, fd: int, db_path: Path) -> WriterLock:
+        """The lock of ``db_path`` that another process took and passed on: ``fd`` is
+        its open file, and the lock is held until both processes close it.
+
+        ``fd`` must be open on ``db_path``'s lock file (``StoreError`` otherwise), and
+        no other open file may hold the lock. (``flock`` is a no-op for the holder's
+        file: it alone cannot tell the holder's file from a fresh one that holds
+        nothing, which is why the file is checked first.)"""
+        lock_path = lock_path_for(db_path)
+        try:
+            held, named = os.fstat(fd), os.stat(lock_path)
+        except OSError as exc:
+            raise StoreError(f"descriptor {fd} is not the lock file {lock_path}: {exc}") from exc
+        if (held.st_dev, held.st_ino) != (named.st_dev, named.st_ino):
+            raise StoreError(f"descriptor {fd} is not the lock file {lock_path}")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a no-op on the holder's file
         except OSError as exc:

@@ -139,7 +139,7 @@ class SqliteStore:
         if not writer:
             lock = None
         elif lock_fd is not None:
-            lock = WriterLock.inherit(lock_fd)
+            lock = WriterLock.inherit(lock_fd, where)
         else:
             lock = WriterLock.acquire(where)
         try:

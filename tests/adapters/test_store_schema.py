@@ -175,6 +175,29 @@ async def test_the_lock_names_another_process(tmp_path: Path) -> None:
     await store.close()
 
 
+async def test_an_inherited_lock_must_be_this_databases_lock_held(tmp_path: Path) -> None:
+    """The writer process gets the worker's lock as a descriptor: it is taken only if it
+    is open on this database's lock file and holds the lock (a copy of the holder's)."""
+    db, other = tmp_path / "db.sqlite3", tmp_path / "other.sqlite3"
+    holder = await SqliteStore.open(db)
+    await (await SqliteStore.open(other)).close()  # leaves its lock file
+    wrong_file = os.open(tmp_path / "unrelated", os.O_RDWR | os.O_CREAT)
+    other_lock = os.open(lock_path_for(other), os.O_RDWR)
+    fresh = os.open(lock_path_for(db), os.O_RDWR)  # the right file, but it holds nothing
+    try:
+        for fd in (wrong_file, other_lock):
+            with pytest.raises(StoreError, match=rf"descriptor {fd} is not the lock file"):
+                await SqliteStore.open(db, lock_fd=fd)
+        with pytest.raises(StoreError, match=rf"descriptor {fresh} does not hold"):
+            await SqliteStore.open(db, lock_fd=fresh)
+        inherited = await SqliteStore.open(db, lock_fd=os.dup(holder.lock_fd))
+        await inherited.close()
+    finally:
+        for fd in (wrong_file, other_lock, fresh):
+            os.close(fd)
+        await holder.close()
+
+
 async def test_a_symbolic_link_to_a_held_database_is_refused(tmp_path: Path) -> None:
     db = tmp_path / "db.sqlite3"
     (tmp_path / "other").mkdir()

@@ -14,7 +14,12 @@ _encoder = msgspec.json.Encoder()
 
 
 class JsonLines(logging.Formatter):
-    """One JSON object per line: time, level, logger, message, then any ``extra`` fields."""
+    """One JSON object per line: time, level, logger, message, then ``fields`` (the same
+    on every line) and any ``extra`` fields."""
+
+    def __init__(self, **fields: Any) -> None:
+        super().__init__()
+        self.fields = fields
 
     def format(self, record: logging.LogRecord) -> str:
         line: dict[str, Any] = {
@@ -22,6 +27,7 @@ class JsonLines(logging.Formatter):
             "level": record.levelname.lower(),
             "logger": record.name,
             "msg": record.getMessage(),
+            **self.fields,
         }
         line.update((k, v) for k, v in record.__dict__.items() if k not in _STANDARD)
         if record.exc_info:
@@ -29,10 +35,10 @@ class JsonLines(logging.Formatter):
         return _encoder.encode(line).decode()
 
 
-def setup(level: str = "info") -> None:
-    """Send every ``bidlog.*`` log record to stderr as JSON lines."""
+def setup(level: str = "info", **fields: Any) -> None:
+    """Send every ``bidlog.*`` log record to stderr as JSON lines, with ``fields``."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonLines())
+    handler.setFormatter(JsonLines(**fields))
     root = logging.getLogger("bidlog")
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -40,6 +40,7 @@ import anyio.abc
 import msgspec
 from anyio.streams.buffered import BufferedByteReceiveStream
 
+from adapters import logs
 from adapters.gc_policy import tune_gc
 from adapters.sqlite_rows import Head
 from adapters.sqlite_schema import InvalidBatch, StoreError
@@ -504,11 +505,14 @@ def main(argv: list[str] | None = None) -> int:
     # whole control group): it closes the socket once everything read is committed.
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, signal.SIG_IGN)
-    logging.basicConfig(
-        level=logging.WARNING, stream=sys.stderr, format="bidlog writer process: %(message)s"
-    )
+    # Its lines go to the worker's stderr, among the worker's: the same JSON lines.
+    logs.setup("warning", process="writer", pid=os.getpid())
     tune_gc()  # as the worker: a batch's objects go before any collection walks them
-    return anyio.run(_serve, args)
+    try:
+        return anyio.run(_serve, args)
+    except Exception:
+        log.exception("the writer process failed; it stops (the worker stops with it)")
+        return 1
 
 
 if __name__ == "__main__":

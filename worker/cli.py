@@ -21,12 +21,12 @@ from pathlib import Path
 
 import anyio
 
-from adapters import codec
+from adapters import codec, logs
 from adapters.transports import StdioStream, TransportError, UnixListener, bind_unix
 from domain.commands import AREA_PATTERN, MAX_INT, parse_time
 from domain.errors import DomainError
 from domain.state import render
-from worker import logs, tools
+from worker import tools
 from worker.bootstrap import FatalError, Settings, open_store, serving
 from worker.pipeline import Worker
 

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import json
 import os
 import signal
+import socket
 import string
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -15,6 +18,7 @@ from typing import IO
 
 import pytest
 
+from adapters.sqlite_schema import WriterLock
 from tests.e2e.proc import BIN, SocketClient, bidlog, replies, start_socket_worker
 from tests.wire import EXAMPLE, create_area, line, register
 
@@ -176,3 +180,38 @@ def test_a_stop_while_the_worker_starts_stops_it_cleanly_once_started(
         worker.wait(10)
     log = sock.with_name(sock.name + ".log").read_text()
     assert f"stopping on {signum.name}" in log and "worker stopped" in log
+
+
+def test_the_writer_process_reports_a_failure_as_a_json_log_line(tmp_path: Path) -> None:
+    """The child's lines go to the worker's stderr among the worker's JSON lines: its own
+    are JSON too, marked as the writer's, with no bare traceback (here it is sent a
+    frame that is not a batch)."""
+    db = tmp_path / "w.sqlite3"
+    lock = WriterLock.acquire(db)
+    ours, theirs = socket.socketpair()
+    args = ["--db", str(db), "--synchronous", "full", "--channel", str(theirs.fileno())]
+    args += ["--lock", str(lock.fd), "--parent", str(os.getpid())]
+    child = subprocess.Popen(
+        [sys.executable, "-P", "-m", "adapters.sqlite_writer", *args],
+        pass_fds=(theirs.fileno(), lock.fd),
+        stderr=subprocess.PIPE,
+    )
+    theirs.close()
+    try:
+        ours.settimeout(30)
+        size = int.from_bytes(ours.recv(4, socket.MSG_WAITALL), "big")
+        assert b"ready" in ours.recv(size, socket.MSG_WAITALL)
+        ours.sendall((1).to_bytes(4, "big") + b"\xc1")  # 0xc1: never valid msgpack
+        _, err = child.communicate(timeout=30)
+        assert child.returncode == 1
+        logged = [json.loads(x) for x in err.splitlines()]
+    finally:
+        ours.close()
+        child.kill()
+        child.wait(10)
+        lock.release()
+    assert [(x["level"], x["logger"], x["process"], x["pid"]) for x in logged] == [
+        ("error", "bidlog.writer", "writer", child.pid)
+    ]
+    assert "the writer process failed" in logged[0]["msg"]
+    assert "DecodeError" in logged[0]["exc"]

@@ -27,7 +27,7 @@ from domain.commands import AREA_PATTERN, MAX_INT, parse_time
 from domain.errors import DomainError
 from domain.state import render
 from worker import tools
-from worker.bootstrap import FatalError, Settings, open_store, serving
+from worker.bootstrap import FatalError, open_store, serving
 from worker.pipeline import Worker
 
 log = logging.getLogger("bidlog")
@@ -167,15 +167,6 @@ def _timestamp(text: str) -> dt.datetime:
         ) from None
 
 
-def settings_from(args: argparse.Namespace) -> Settings:
-    return Settings(
-        db=args.db,
-        synchronous=args.synchronous,
-        checkpoint_every=args.checkpoint_every,
-        writer=getattr(args, "writer", "process"),
-    )
-
-
 async def run_serve(args: argparse.Namespace) -> int:
     # Signals are taken from here on: one that comes while the worker starts (opening the
     # database, recovering, starting its writer process) stops it once it has started,
@@ -186,7 +177,7 @@ async def run_serve(args: argparse.Namespace) -> int:
 
 async def _serve(args: argparse.Namespace, signals: AsyncIterator[signal.Signals]) -> int:
     if not args.socket:
-        async with serving(settings_from(args)) as worker:
+        async with serving(tools.settings_of(args)) as worker:
             await _until_done(worker, worker.serve(StdioStream(), one_peer=False), signals)
         if worker.dropped:  # everything read was committed, but not every reply written
             print(
@@ -199,7 +190,7 @@ async def _serve(args: argparse.Namespace, signals: AsyncIterator[signal.Signals
     # Bind before opening the database: a live socket means another worker is serving,
     # and the process umask is narrowed only while nothing else creates files.
     listener = await _bind(args.socket)
-    async with listener, serving(settings_from(args)) as worker:
+    async with listener, serving(tools.settings_of(args)) as worker:
         log.info("listening", extra={"socket": args.socket})
         await _until_done(worker, _accept(listener, worker), signals)
     return 0
@@ -270,7 +261,7 @@ async def _stop_on_signal(worker: Worker, signals: AsyncIterator[signal.Signals]
 
 
 async def run_state(args: argparse.Namespace) -> int:
-    store = await open_store(settings_from(args), writer=False)
+    store = await open_store(tools.settings_of(args), writer=False)
     try:
         key = (args.bid_year, args.area)
         if args.at_event is None and args.at_time is None:
@@ -297,7 +288,7 @@ async def run_state(args: argparse.Namespace) -> int:
 
 
 async def run_timeline(args: argparse.Namespace) -> int:
-    store = await open_store(settings_from(args), writer=False)
+    store = await open_store(tools.settings_of(args), writer=False)
     try:
         after: int | None = args.after_event
         while after is not None:

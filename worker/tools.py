@@ -137,8 +137,12 @@ def _add_replay(sub: Any, common: argparse.ArgumentParser) -> None:
 
 
 def settings_of(args: argparse.Namespace) -> Settings:
+    """The settings a command line gives (every command has the common options)."""
     return Settings(
-        db=args.db, synchronous=args.synchronous, checkpoint_every=args.checkpoint_every
+        db=args.db,
+        synchronous=args.synchronous,
+        checkpoint_every=args.checkpoint_every,
+        writer=getattr(args, "writer", "process"),  # serve's own option
     )
 
 

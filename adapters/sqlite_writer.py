@@ -471,7 +471,13 @@ async def _serve(args: argparse.Namespace) -> int:
                 except (anyio.EndOfStream, anyio.IncompleteRead):
                     return 0  # the worker closed: done
                 reply = await _append(store, _decode_batch(payload))
-                await stream.send(_frame(_encode(reply)))
+                try:
+                    await stream.send(_frame(_encode(reply)))
+                except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+                    # The worker is gone (or closed with the batch in flight): it
+                    # recovers from the file; nothing here to tell it, nor anyone else.
+                    log.warning("the worker went away before taking an answer; stopping")
+                    return 1
         finally:
             await store.close()
 

@@ -14,11 +14,13 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import pytest
 
 from adapters.sqlite_schema import WriterLock
+from adapters.sqlite_writer import _encode, _frame
+from domain.records import Batch
 from tests.e2e.proc import BIN, SocketClient, bidlog, replies, start_socket_worker
 from tests.wire import EXAMPLE, create_area, line, register
 
@@ -182,11 +184,12 @@ def test_a_stop_while_the_worker_starts_stops_it_cleanly_once_started(
     assert f"stopping on {signum.name}" in log and "worker stopped" in log
 
 
-def test_the_writer_process_reports_a_failure_as_a_json_log_line(tmp_path: Path) -> None:
-    """The child's lines go to the worker's stderr among the worker's JSON lines: its own
-    are JSON too, marked as the writer's, with no bare traceback (here it is sent a
-    frame that is not a batch)."""
-    db = tmp_path / "w.sqlite3"
+def run_writer_process(
+    db: Path, send: bytes, *, close: bool
+) -> tuple[int, int, list[dict[str, Any]]]:
+    """Start the writer process on ``db`` as the worker does, wait for it to be ready,
+    send it ``send`` (closing our end right after, if ``close``), and wait for it to
+    end: its pid, exit status and stderr lines (parsed)."""
     lock = WriterLock.acquire(db)
     ours, theirs = socket.socketpair()
     args = ["--db", str(db), "--synchronous", "full", "--channel", str(theirs.fileno())]
@@ -201,17 +204,40 @@ def test_the_writer_process_reports_a_failure_as_a_json_log_line(tmp_path: Path)
         ours.settimeout(30)
         size = int.from_bytes(ours.recv(4, socket.MSG_WAITALL), "big")
         assert b"ready" in ours.recv(size, socket.MSG_WAITALL)
-        ours.sendall((1).to_bytes(4, "big") + b"\xc1")  # 0xc1: never valid msgpack
+        ours.sendall(send)
+        if close:
+            ours.close()
         _, err = child.communicate(timeout=30)
-        assert child.returncode == 1
-        logged = [json.loads(x) for x in err.splitlines()]
     finally:
         ours.close()
         child.kill()
         child.wait(10)
         lock.release()
+    return child.pid, child.returncode, [json.loads(x) for x in err.splitlines()]
+
+
+def test_the_writer_process_reports_a_failure_as_a_json_log_line(tmp_path: Path) -> None:
+    """The child's lines go to the worker's stderr among the worker's JSON lines: its own
+    are JSON too, marked as the writer's, with no bare traceback (here it is sent a
+    frame that is not a batch)."""
+    not_msgpack = (1).to_bytes(4, "big") + b"\xc1"  # 0xc1 is never valid msgpack
+    pid, status, logged = run_writer_process(tmp_path / "w.sqlite3", not_msgpack, close=False)
+    assert status == 1
     assert [(x["level"], x["logger"], x["process"], x["pid"]) for x in logged] == [
-        ("error", "bidlog.writer", "writer", child.pid)
+        ("error", "bidlog.writer", "writer", pid)
     ]
     assert "the writer process failed" in logged[0]["msg"]
     assert "DecodeError" in logged[0]["exc"]
+
+
+def test_the_writer_process_stops_quietly_when_the_worker_goes_before_its_answer(
+    tmp_path: Path,
+) -> None:
+    """The worker is gone (its end closed) when the child answers: one warning line, no
+    traceback, and the child ends."""
+    empty_batch = _frame(_encode(Batch(())))
+    _, status, logged = run_writer_process(tmp_path / "w.sqlite3", empty_batch, close=True)
+    assert status == 1
+    assert [(x["level"], x["msg"]) for x in logged] == [
+        ("warning", "the worker went away before taking an answer; stopping")
+    ]

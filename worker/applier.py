@@ -61,6 +61,12 @@ class Request:
 Item = codec.Decoded | codec.DecodeFailure
 _READS_LOG = (BaseQuery, Rollback)
 SEND_AT = 128  # lines decided that go to an idle writer at once
+# A batch decided while another commits is kept open (more lines join it) while it is
+# smaller than the batch in flight, and below these many lines and bytes read; past
+# them, the applier waits for the commit. It holds its lines until its own commit, as
+# the batch in flight does.
+OPEN_LINES = 1024
+OPEN_BYTES = 4 << 20
 
 
 @dataclass(slots=True)
@@ -94,6 +100,7 @@ class _Run:
     pending_acks: dict[str, Ack] = field(default_factory=dict)
     replies: list[_Reply] = field(default_factory=list)
     lines: list[_Line] = field(default_factory=list)  # since the last commit
+    size: int = 0  # bytes read for them, about
 
 
 class Applier:
@@ -116,6 +123,9 @@ class Applier:
         # its commit fails), and its replies wait in ``_sent`` for the outcome.
         self._writer = store if isinstance(store, Pipelined) else None
         self._sent: _Sent | None = None
+        # Decided while ``_sent`` commits, not sent yet: more lines join it (``process``)
+        # until that commit is answered (``advance``). Only ever there with ``_sent``.
+        self._open: _Run | None = None
         self.sent = anyio.Event()  # set when a batch goes to the writer
         self.send_at = send_at
 
@@ -132,7 +142,8 @@ class Applier:
 
     @property
     def busy(self) -> bool:
-        """A batch is being committed; ``settle()`` answers it."""
+        """A batch is being committed (and perhaps another decided meanwhile):
+        ``advance()`` answers it, ``settle()`` answers everything."""
         return self._sent is not None
 
     @property
@@ -158,9 +169,18 @@ class Applier:
             raise await self._writer.ended()
         await anyio.sleep_forever()
 
+    async def advance(self) -> None:
+        """Wait for the batch being committed and send its replies; then send the batch
+        decided meanwhile, if any (it is then the one in flight)."""
+        run, self._open = self._open, None
+        await self._settled(run)
+        if run is not None:
+            await self._flush(run, settle=False)
+
     async def settle(self) -> None:
-        """Wait for the batch being committed, then send its replies."""
-        await self._settled(None)
+        """Answer everything: the batch being committed, and the one decided meanwhile."""
+        while self.busy:
+            await self.advance()
 
     async def process(
         self, requests: Sequence[Request], *, turn: float = math.inf
@@ -173,12 +193,15 @@ class Applier:
         not handled, for the caller to hand back later, and the outbox of the connection
         that ended the batch (None if none did). Everything handled is committed and
         answered before this returns, but with a pipelined store the last batch may
-        still be in flight (``busy``): the next call, or ``settle()``, answers it.
+        still be in flight (``busy``), and the lines decided while it commits may wait
+        to be sent after it: ``advance()`` sends them once it is answered (a later call
+        adds its lines to them), ``settle()`` answers everything.
         """
-        run = _Run(self.ledger.draft(), self.clock.now())
+        run, self._open = self._open or _Run(self.ledger.draft(), self.clock.now()), None
         started = time.monotonic()
         for at, request in enumerate(requests):
             outbox, frames = request.outbox, request.frames
+            run.size += request.size
             for i, frame in enumerate(frames):
                 item = _decode(frame)
                 if isinstance(item, codec.Decoded) and isinstance(item.message, _READS_LOG):
@@ -194,8 +217,30 @@ class Applier:
                     self._take(run, _Line(outbox, item))
                     if self._writer_idle(run):
                         await self._flush(run, settle=False)
-        await self._flush(run, settle=False)
+        if self._keeps_open(run):
+            self._open = run
+        else:
+            await self._flush(run, settle=False)
         return [], None
+
+    def _keeps_open(self, run: _Run) -> bool:
+        """Whether ``run`` waits, open, for the batch in flight (not answered yet) rather
+        than the applier waiting for it there: lines that come meanwhile are decided
+        into it, where they used to wait for that commit. With 1 or 4 clients keeping
+        500 lines in flight each, the worker was 76-77% busy, 84-92% with this, and
+        answered 13-14% more commands a second (paired runs; 16 clients and stdin, busy
+        already, unchanged).
+
+        Only while it is smaller than the batch in flight: batches then keep their
+        size. Left to grow, they merged to half as many again, and a client whose
+        window holds about two batches waited longer for each (1 client: -5%)."""
+        sent = self._sent
+        return (
+            sent is not None
+            and 0 < len(run.lines) < min(sent.events, OPEN_LINES)
+            and run.size < OPEN_BYTES
+            and not self.has_answer()
+        )
 
     async def _handle_read(self, run: _Run, outbox: Outbox, item: codec.Decoded) -> None:
         """A query or a rollback: both read the log, so what is waiting commits first."""
@@ -315,6 +360,7 @@ class Applier:
         run.fresh = {}
         run.pending_acks = {}
         run.lines = []
+        run.size = 0
         run.draft = self.ledger.draft()
         run.now = self.clock.now()
 

@@ -268,7 +268,7 @@ class Worker:
                     # (then they are decided meanwhile, as the commit goes on).
                     if self.applier.has_answer():
                         with anyio.CancelScope(shield=True):
-                            await self.applier.settle()
+                            await self.applier.advance()
                         continue
                     if self._work.is_set():
                         self._work = anyio.Event()
@@ -281,7 +281,7 @@ class Worker:
                 await self._work.wait()
             with anyio.CancelScope(shield=True):
                 if self.applier.has_answer():  # answered already: reply before deciding
-                    await self.applier.settle()  # more (and the next batch is larger)
+                    await self.applier.advance()  # more (and the next batch is larger)
                 requests, feeds = self._gather()
                 rest, ended_by = await self.applier.process(requests, turn=self.turn)
             for request in reversed(rest):  # back to the front of their queues, in order

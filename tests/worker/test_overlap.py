@@ -26,10 +26,11 @@ from adapters.clock import FixedClock
 from adapters.sqlite_store import FailAt, SqliteStore
 from adapters.sqlite_writer import ProcessStore
 from domain.ledger import Ledger
-from domain.records import OutcomeUnknown
+from domain.records import Batch, OutcomeUnknown
 from domain.state import render
 from tests.wire import Msg, create_area, line, register
 from tests.worker.harness import START, worker_on
+from worker import applier as applier_module
 from worker.applier import Applier, Outbox, Request
 from worker.pipeline import Worker
 
@@ -326,3 +327,71 @@ async def test_a_batch_sent_whole_early_stays_in_flight(tmp_path: Path) -> None:
         assert applier.busy and conn.got == []
         await applier.settle()
     assert [r["id"] for r in conn.got] == ["a1", "r1"]
+
+
+class CountedBatches:
+    """The sizes of the batches an applier sends to its writer process."""
+
+    def __init__(self, applier: Applier) -> None:
+        self.sizes: list[int] = []
+        self._submit = applier.store.submit  # type: ignore[attr-defined]
+        applier.store.submit = self._counted  # type: ignore[attr-defined]
+
+    async def _counted(self, batch: Batch) -> None:
+        self.sizes.append(len(batch.entries))
+        await self._submit(batch)
+
+
+async def test_lines_decided_during_a_commit_wait_open_and_go_as_one_batch(
+    tmp_path: Path,
+) -> None:
+    """While a batch commits, ``process`` decides more lines and returns without waiting
+    for it; a later call adds to them. Once the commit is answered, ``advance`` sends
+    them all as the next batch."""
+    conn = Replies()
+    async with applier_on(tmp_path / "b.sqlite3") as applier:
+        batches = CountedBatches(applier)
+        users = (register("AB", id="r1"), register("CD", id="r2"))
+        await applier.process(conn.request(create_area(id="a1"), *users))
+        await applier.process(conn.request(register("EF", id="r3")))
+        await applier.process(conn.request(register("GH", id="r4")))
+        assert conn.got == [] and batches.sizes == [3]  # nothing waited for a1..r2
+        await applier.advance()
+        assert [r["id"] for r in conn.got] == ["a1", "r1", "r2"] and batches.sizes == [3, 2]
+        await applier.settle()
+        assert not applier.busy
+    assert [(r["id"], r["event_id"]) for r in conn.got[3:]] == [("r3", 4), ("r4", 5)]
+
+
+async def test_lines_decided_during_a_commit_stay_open_only_below_its_size(
+    tmp_path: Path,
+) -> None:
+    """As many lines as the batch in flight holds: ``process`` waits for its commit and
+    sends them, so batches keep their size."""
+    conn = Replies()
+    async with applier_on(tmp_path / "b.sqlite3") as applier:
+        batches = CountedBatches(applier)
+        await applier.process(conn.request(create_area(id="a1"), register("AB", id="r1")))
+        await applier.process(conn.request(register("CD", id="r2"), register("EF", id="r3")))
+        assert [r["id"] for r in conn.got] == ["a1", "r1"] and batches.sizes == [2, 2]
+        await applier.settle()
+    assert [(r["id"], r["event_id"]) for r in conn.got[2:]] == [("r2", 3), ("r3", 4)]
+
+
+@pytest.mark.parametrize("bound", ["OPEN_LINES", "OPEN_BYTES"])
+async def test_lines_decided_during_a_commit_stay_open_only_below_the_bounds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, bound: str
+) -> None:
+    """Past OPEN_LINES lines, or OPEN_BYTES bytes read, ``process`` waits for the commit
+    in flight and sends them (it holds them until their own commit)."""
+    monkeypatch.setattr(applier_module, bound, 2)
+    conn = Replies()
+    users = [register(initials, id=f"r{initials}") for initials in ("AB", "CD", "EF")]
+    async with applier_on(tmp_path / "b.sqlite3") as applier:
+        await applier.process(conn.request(create_area(id="a1"), *users))  # 4 in flight
+        requests = conn.request(register("GH", id="r5"), register("IJ", id="r6"))
+        requests[0].size = 2
+        await applier.process(requests)
+        assert len(conn.got) == 4 and applier.busy  # the first four are answered
+        await applier.settle()
+    assert [(r["id"], r["event_id"]) for r in conn.got[4:]] == [("r5", 5), ("r6", 6)]

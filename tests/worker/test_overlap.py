@@ -395,3 +395,47 @@ async def test_lines_decided_during_a_commit_stay_open_only_below_the_bounds(
         assert len(conn.got) == 4 and applier.busy  # the first four are answered
         await applier.settle()
     assert [(r["id"], r["event_id"]) for r in conn.got[4:]] == [("r5", 5), ("r6", 6)]
+
+
+async def test_an_open_batch_grows_only_to_its_bounds_across_calls(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A later call adds lines to the open batch only up to its bounds: there it waits
+    for the commit in flight and sends it, and its other lines make a new batch. (They
+    once all joined it: a batch could grow to OPEN_LINES plus a whole read.)"""
+    monkeypatch.setattr(applier_module, "OPEN_LINES", 4)
+    conn = Replies()
+    first = [register(f"A{chr(65 + i)}", id=f"r{i}") for i in range(4)]
+    later = [register(f"B{chr(65 + i)}", id=f"s{i}") for i in range(16)]
+    async with applier_on(tmp_path / "b.sqlite3") as applier:
+        batches = CountedBatches(applier)
+        await applier.process(conn.request(create_area(id="a1"), *first))  # 5 in flight
+        await applier.process(conn.request(*later[:3]))  # 3 stay open
+        assert batches.sizes == [5]
+        await applier.process(conn.request(*later[3:]))
+        assert batches.sizes == [5, 4, 12]
+        await applier.settle()
+    assert [r["event_id"] for r in conn.got] == list(range(1, 22))
+
+
+async def test_lines_that_join_an_open_batch_are_not_timed_before_they_came(
+    tmp_path: Path,
+) -> None:
+    """An open batch's lines are decided when they come: each event's time is the
+    clock's when its line was decided, never the time the batch opened."""
+    conn = Replies()
+    async with applier_on(tmp_path / "b.sqlite3") as applier:
+        clock = applier.clock
+        assert isinstance(clock, FixedClock)
+        first = conn.request(create_area(id="a1"), register("AB", id="r1"), register("CD"))
+        await applier.process(first)
+        clock.advance(1)
+        await applier.process(conn.request(register("EF", id="r3")))  # opens a batch
+        clock.advance(1)
+        await applier.process(conn.request(register("GH", id="r4")))  # joins it
+        assert len(conn.got) == 0
+        await applier.settle()
+    times = {r["id"]: r["recorded_at"] for r in conn.got}
+    assert times["a1"] == "2026-11-25T20:00:00.000000Z"
+    assert times["r3"] == "2026-11-25T20:00:01.000000Z"
+    assert times["r4"] == "2026-11-25T20:00:02.000000Z"

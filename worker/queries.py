@@ -42,8 +42,10 @@ async def _get_state(query: GetState, ledger: Ledger, store: Store) -> dict[str,
     else:
         state = ledger.state(key)
     if state is None:
+        now = query.at_event is None and query.at_time is None
+        what = "does not exist" if now else "had no event by that point"
         raise errors.NotFound(
-            f"area {query.bid_year}/{query.area} had no event by that point",
+            f"area {query.bid_year}/{query.area} {what}",
             bid_year=query.bid_year,
             area=query.area,
         )

@@ -374,6 +374,17 @@ async def test_point_in_time_queries(db: Path) -> None:
     assert code(before) == "not_found"
 
 
+async def test_a_state_of_an_unknown_scope_says_it_does_not_exist(db: Path) -> None:
+    """Asked for now, the scope does not exist; asked for a point, it had no event by
+    then (it may have later)."""
+    async with client_on(db) as client:
+        await client.ask(create_area())
+        now, early = await client.ask(get_state("South"), get_state(at_event=0))
+    assert now["error"]["message"] == "area 2026/South does not exist"
+    assert early["error"]["message"] == "area 2026/North had no event by that point"
+    assert code(now) == code(early) == "not_found"
+
+
 async def test_timeline_of_unknown_scope_is_not_found(db: Path) -> None:
     async with client_on(db) as client:
         reply = await client.ask_one(msg("timeline", bid_year=2026, area="Nope"))

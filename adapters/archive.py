@@ -285,7 +285,10 @@ def _parse(number: int, raw: bytes) -> dict[str, Any]:
     missing = sorted(EVENT_FIELDS - obj.keys() | ({"hash"} - obj.keys()))
     unknown = sorted(obj.keys() - EVENT_FIELDS - {"hash", "state"})
     if missing or unknown:
-        raise BadLine(number, f"missing fields {missing}, unknown fields {unknown}")
+        hint = ""
+        if {"id", "type"} <= obj.keys() and "event_id" not in obj:
+            hint = " (a message, not an event: `bidlog replay` feeds message files)"
+        raise BadLine(number, f"missing fields {missing}, unknown fields {unknown}{hint}")
     return obj
 
 

@@ -24,7 +24,16 @@ from adapters.canonical import ZERO_HASH, canonical, chain_hash
 from adapters.sqlite_schema import DatabaseLocked, WriterLock
 from adapters.sqlite_store import SqliteStore
 from domain.state import render
-from tests.wire import BIDDER, Msg, bid, create_area, msg, open_round, register
+from tests.wire import (
+    BIDDER,
+    Msg,
+    bid,
+    create_area,
+    example_lines,
+    msg,
+    open_round,
+    register,
+)
 from tests.worker.harness import START, client_on, worker_on
 
 Line = dict[str, Any]
@@ -371,6 +380,16 @@ async def test_an_unreadable_line_is_refused_counting_blank_lines(
     target = tmp_path / "rebuilt.sqlite3"
     with pytest.raises(archive.BadLine, match=f"^line 6: {says}"):
         archive.import_export(lines, target)
+    assert not target.exists()
+
+
+def test_a_message_file_given_to_import_is_named_as_such(tmp_path: Path) -> None:
+    """A file of commands is not an export: the refusal says so, and what feeds one."""
+    target = tmp_path / "rebuilt.sqlite3"
+    with pytest.raises(
+        archive.BadLine, match=r"^line 1: .*a message, not an event: `bidlog replay`"
+    ):
+        archive.import_export(example_lines(), target)
     assert not target.exists()
 
 

@@ -59,9 +59,14 @@ class Replies:
 
 @asynccontextmanager
 async def applier_on(
-    db: Path, fault: FailAt | None = None, **options: Any
+    db: Path, fault: FailAt | None = None, *, writer: str = "process", **options: Any
 ) -> AsyncIterator[Applier]:
-    store = await ProcessStore.open(str(db), fault=fault)
+    """An applier over a writer process (or, ``writer="thread"``, the store's thread)."""
+    store: ProcessStore | SqliteStore
+    if writer == "process":
+        store = await ProcessStore.open(str(db), fault=fault)
+    else:
+        store = await SqliteStore.open(str(db), fault=fault)
     try:
         yield Applier(store, Ledger(await store.recover()), FixedClock(START), **options)
     finally:
@@ -461,17 +466,18 @@ class Logged(Replies):
 
 
 @pytest.mark.parametrize("seed", range(int(os.environ.get("SEEDS", "32"))))
+@pytest.mark.parametrize("writer", ["process", "thread"])
 async def test_random_interleavings_with_failed_commits_agree_with_the_file(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, seed: int
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, seed: int, writer: str
 ) -> None:
     """Random reads of two connections (new commands, repeats of an id with the same or
     another message, refusals), ``advance`` calls between them, small bounds for the
     open batch and early sends, and one to four commits failing at a random statement
-    (SEEDS=N in the environment runs N seeds; 300 passed). Afterwards: one reply a line,
-    in order; the ledger is the file; every event stored was acknowledged with its id
-    and no other; every repeat names the first event of its id; and the stored
-    commands, decided again in ``event_id`` order from nothing, are each accepted and
-    rebuild the same states."""
+    (SEEDS=N in the environment runs N seeds; 300 passed), over the writer process and
+    over the store's own thread. Afterwards: one reply a line, in order; the ledger is
+    the file; every event stored was acknowledged with its id and no other; every
+    repeat names the first event of its id; and the stored commands, decided again in
+    ``event_id`` order from nothing, are each accepted and rebuild the same states."""
     rng = random.Random(seed)
     monkeypatch.setattr(applier_module, "OPEN_LINES", rng.choice([2, 3, 1024]))
     db = tmp_path / "b.sqlite3"
@@ -481,7 +487,8 @@ async def test_random_interleavings_with_failed_commits_agree_with_the_file(
     sent: list[list[Msg]] = [[], []]
     messages: dict[str, Msg] = {}  # the first message of each id
     initials = [a + b for a in "ABC" for b in "DEF"]
-    async with applier_on(db, fault, send_at=rng.choice([1, 2, 3, 128])) as applier:
+    send_at = rng.choice([1, 2, 3, 128])
+    async with applier_on(db, fault, writer=writer, send_at=send_at) as applier:
         for _ in range(30):
             if rng.random() < 0.25:
                 await applier.advance()

@@ -10,6 +10,7 @@ file agree.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import random
 import signal
@@ -468,16 +469,21 @@ class Logged(Replies):
 @pytest.mark.parametrize("seed", range(int(os.environ.get("SEEDS", "32"))))
 @pytest.mark.parametrize("writer", ["process", "thread"])
 async def test_random_interleavings_with_failed_commits_agree_with_the_file(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, seed: int, writer: str
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    seed: int,
+    writer: str,
 ) -> None:
     """Random reads of two connections (new commands, repeats of an id with the same or
     another message, refusals), ``advance`` calls between them, small bounds for the
     open batch and early sends, and one to four commits failing at a random statement
     (SEEDS=N in the environment runs N seeds; 300 passed), over the writer process and
-    over the store's own thread. Afterwards: one reply a line, in order; the ledger is
-    the file; every event stored was acknowledged with its id and no other; every
-    repeat names the first event of its id; and the stored commands, decided again in
-    ``event_id`` order from nothing, are each accepted and rebuild the same states."""
+    over the store's own thread. Afterwards: only the injected faults failed a commit;
+    one reply a line, in order; the ledger is the file; every event stored was
+    acknowledged with its id and no other; every repeat names the first event of its
+    id; and the stored commands, decided again in ``event_id`` order from nothing, are
+    each accepted and rebuild the same states."""
     rng = random.Random(seed)
     monkeypatch.setattr(applier_module, "OPEN_LINES", rng.choice([2, 3, 1024]))
     db = tmp_path / "b.sqlite3"
@@ -511,6 +517,8 @@ async def test_random_interleavings_with_failed_commits_agree_with_the_file(
             await applier.process(conns[at].request(*batch))
         await applier.settle()
         ledger = {key: render(state) for key, state in applier.ledger.scopes.items()}
+    failures = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert all("injected fault" in failure for failure in failures), failures
     assert [[r["id"] for r in conn.got] for conn in conns] == [[m["id"] for m in s] for s in sent]
     assert ledger == await stored_states(db)
     acked: dict[str, int] = {}  # id -> event_id of its first acknowledgement

@@ -29,6 +29,7 @@ async def _get_state(query: GetState, ledger: Ledger, store: Store) -> dict[str,
     if query.at_event is not None and query.at_time is not None:
         raise errors.InvalidMessage("give at_event or at_time, not both", path="$.at_time")
     state: ScopeState | None
+    missing = "had no event by that point"
     if query.at_event is not None:
         state = await store.state_at(key, at_event=query.at_event)
     elif query.at_time is not None:
@@ -40,12 +41,10 @@ async def _get_state(query: GetState, ledger: Ledger, store: Store) -> dict[str,
             ) from None
         state = await store.state_at(key, at_time=moment)
     else:
-        state = ledger.state(key)
+        state, missing = ledger.state(key), "does not exist"
     if state is None:
-        now = query.at_event is None and query.at_time is None
-        what = "does not exist" if now else "had no event by that point"
         raise errors.NotFound(
-            f"area {query.bid_year}/{query.area} {what}",
+            f"area {query.bid_year}/{query.area} {missing}",
             bid_year=query.bid_year,
             area=query.area,
         )
